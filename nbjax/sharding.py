@@ -1,0 +1,77 @@
+"""Where arrays live: one ``Mesh`` over every device with a single ``data`` axis.
+
+The batch is split over ``data``; the train state is replicated (``sharding.mode='replicated'``)
+or, for ``'fsdp'``, each large leaf is split along its largest axis that the device count
+divides. The compiler inserts the all-reduces, so the train step is written as for one device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def use_all_cpu_cores() -> None:
+    """Runs a CPU-only host as one XLA device per core, unless the user chose otherwise.
+
+    XLA's CPU backend keeps most of one step on one core; with one device per core and the
+    batch sharded over them a 2-core host ran a ViT step about 1.45x faster. Must run before
+    JAX initialises its backends (that is, before the first device query).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and "cpu" not in platforms.split(","):
+        return
+    count = os.cpu_count() or 1
+    if count > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full array on every device."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Split along ``batch_axis`` over the ``data`` axis."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+
+
+def _leaf_spec(shape: tuple[int, ...], num_devices: int, min_size: int) -> P:
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % num_devices == 0:
+            return P(*([None] * axis), DATA_AXIS)
+    return P()
+
+
+def state_shardings(state: Any, mesh: Mesh, mode: str = "replicated",
+                    fsdp_min_size: int = 2**18) -> Any:
+    """A sharding per leaf of ``state``: replicated, or FSDP-style split of large leaves."""
+    if mode == "replicated":
+        return jax.tree.map(lambda _: replicated(mesh), state)
+    if mode != "fsdp":
+        raise ValueError(f"sharding.mode={mode!r}; allowed: ['replicated', 'fsdp']")
+    n = mesh.devices.size
+
+    def spec(leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, _leaf_spec(shape, n, fsdp_min_size))
+
+    return jax.tree.map(spec, state)

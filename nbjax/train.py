@@ -1,0 +1,185 @@
+"""The train state, the compiled train and eval steps, and the train loop.
+
+The state is one pytree (:class:`TrainState`). The train step is a pure function of the state,
+the on-device dataset and a block of batch indices; it is compiled once with ``jax.jit``,
+donates the state, and runs ``train.steps_per_call`` steps per call with ``lax.scan`` so the
+host dispatches rarely. Nothing inside it waits for the host. The loop around it (data order,
+logging, evaluation, checkpoints) lives in :mod:`nbjax.loop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from nbjax import data
+from nbjax import masks as masks_lib
+from nbjax.pruning import PruneContext, Pruner
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: jit, sharding and checkpoints see one pytree."""
+
+    step: jax.Array  # int32 scalar: steps taken so far
+    params: PyTree  # dense weights (pruned entries are zero unless the method is persistent)
+    masks: PyTree  # bool, only the prunable kernels, nested like params
+    opt_state: PyTree
+    pruning: PyTree  # the pruning method's state
+    burden: PyTree  # the burden tracker's state (reference values), {} when disabled
+    rng: jax.Array  # base key; step t uses fold_in(rng, t), so resuming needs no extra state
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay; weight decay on kernels only."""
+    t = config.train
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=t.learning_rate * t.end_lr_factor)
+
+    def decay_mask(params: PyTree) -> PyTree:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+    parts = []
+    if t.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(t.grad_clip_norm))
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """The schedule inside :func:`make_optimizer`, for logging."""
+    t = config.train
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, warmup, max(total_steps, warmup + 1),
+        t.learning_rate * t.end_lr_factor)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, pruner: Pruner,
+               image_shape: tuple[int, ...], seed: int,
+               burden_init: Callable[[PyTree, PyTree], PyTree] | None = None) -> TrainState:
+    """A fresh state: params, masks from the pruner, zeroed pruned weights, optimizer state."""
+    rng = jax.random.PRNGKey(seed)
+    init_rng, mask_rng, step_rng = jax.random.split(rng, 3)
+    params = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+    masks, pruning_state = pruner.init(params, mask_rng)
+    if not pruner.persistent:
+        params = masks_lib.apply_masks(params, masks)
+    burden = burden_init(params, masks) if burden_init is not None else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
+                      opt_state=tx.init(params), pruning=pruning_state, burden=burden,
+                      rng=step_rng)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy against (optionally smoothed) one-hot labels."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing > 0:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+BurdenFn = Callable[..., tuple[PyTree, dict[str, jax.Array]]]
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                    tx: optax.GradientTransformation, pruner: Pruner, num_classes: int,
+                    mean: tuple[float, ...], std: tuple[float, ...],
+                    burden_fn: BurdenFn | None = None,
+                    lr_fn: optax.Schedule | None = None) -> Callable:
+    """One train step ``(state, images_u8, labels, idx[B]) -> (state, metrics)``, not jitted.
+
+    ``burden_fn(state_before, state_after, grads, stats)`` returns the new burden state and
+    its metrics; it runs after the pruning update so it sees this step's masks.
+    """
+    augment_kind, pad, pad_mode = (config.data.augment, config.data.augment_pad,
+                                   config.data.augment_pad_mode)
+    smoothing = config.train.label_smoothing
+
+    def loss_fn(params, masks, images, labels):
+        logits, aux = model.apply({"params": params, "masks": masks}, images, mutable=["stats"])
+        loss = cross_entropy(logits, labels, num_classes, smoothing)
+        return loss, (logits, aux.get("stats", {}))
+
+    def step(state: TrainState, images_u8: jax.Array, labels_all: jax.Array, idx: jax.Array):
+        rng = jax.random.fold_in(state.rng, state.step)
+        aug_rng, prune_rng = jax.random.split(rng)
+        images = data.normalize(images_u8[idx], mean, std)
+        images = data.augment(images, aug_rng, augment_kind, pad, pad_mode)
+        labels = labels_all[idx]
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.masks, images, labels)
+        # The model's masks are straight-through, so ``grads`` is the dense gradient (RigL
+        # regrows by it); a non-persistent method updates only the kept weights.
+        update_grads = grads if pruner.persistent else masks_lib.apply_masks(grads, state.masks)
+        updates, opt_state = tx.update(update_grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if not pruner.persistent:
+            params = masks_lib.apply_masks(params, state.masks)
+        ctx = pruner.update(PruneContext(step=state.step, params=params, masks=state.masks,
+                                         opt_state=opt_state, pruning_state=state.pruning,
+                                         grads=grads, rng=prune_rng))
+        new_state = state.replace(step=state.step + 1, params=ctx.params, masks=ctx.masks,
+                                  opt_state=ctx.opt_state, pruning=ctx.pruning_state)
+        metrics = {
+            "train/loss": loss,
+            "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            "train/grad_norm": optax.tree.norm(grads),
+        }
+        if lr_fn is not None:
+            metrics["train/learning_rate"] = lr_fn(state.step)
+        metrics.update(ctx.metrics)
+        if burden_fn is not None:
+            burden_state, burden_metrics = burden_fn(state, new_state, grads, stats)
+            new_state = new_state.replace(burden=burden_state)
+            metrics.update(burden_metrics)
+        return new_state, metrics
+
+    return step
+
+
+def make_multi_step(step: Callable) -> Callable:
+    """``(state, images, labels, idx[k, B]) -> (state, metrics[k])``: k steps in one scan."""
+
+    def multi_step(state, images_u8, labels, idx_block):
+        def body(carry, idx):
+            return step(carry, images_u8, labels, idx)
+
+        return jax.lax.scan(body, state, idx_block)
+
+    return multi_step
+
+
+def make_eval_step(model: nn.Module, num_classes: int, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> Callable:
+    """``(params, masks, images_u8, labels, idx, valid) -> sums``: correct, loss and count.
+
+    ``valid`` (0/1 per row) lets the last, padded batch count each example exactly once.
+    """
+
+    def eval_step(params, masks, images_u8, labels_all, idx, valid):
+        images = data.normalize(images_u8[idx], mean, std)
+        labels = labels_all[idx]
+        logits = model.apply({"params": params, "masks": masks}, images)
+        losses = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        valid = valid.astype(jnp.float32)
+        return {"correct": jnp.sum(correct * valid), "loss": jnp.sum(losses * valid),
+                "count": jnp.sum(valid)}
+
+    return eval_step

@@ -1,0 +1,34 @@
+"""nbjax: neural burden of pruning-during-training in Vision Transformers (JAX/Flax)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nbjax",
+    version="0.1.0",
+    description="Study and mitigate the neural burden of pruning-during-training in ViTs.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["nbjax", "nbjax.*"]),
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.11.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-datasets>=4.9.6",
+        "importlib_resources>=6.0",  # tensorflow-datasets needs it on Python 3.11, undeclared
+        "array_record>=0.5.0",  # TFDS data sources without TensorFlow
+        "ml-collections>=1.0.0",
+        "absl-py>=2.0.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "ruff>=0.6"],
+        "tpu": ["jax[tpu]>=0.7.0"],
+        "cuda": ["jax[cuda12]>=0.7.0"],
+    },
+    entry_points={"console_scripts": ["nbjax-train=nbjax.main:run"]},
+)

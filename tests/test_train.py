@@ -1,0 +1,156 @@
+"""The train step and loop: learning, masks that hold, bit-for-bit resume, clear errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from helpers import smoke_config, smoke_dataset
+
+from nbjax import checkpoint, loop, train
+
+
+def one_device_mesh():
+    from nbjax.sharding import make_mesh
+
+    return make_mesh(jax.devices()[:1])
+
+
+def run_steps(config, num_calls, state=None):
+    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
+    state = run.state if state is None else state
+    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
+    k = config.train.steps_per_call
+    history = []
+    for c in range(num_calls):
+        idx = jax.device_put(order.block(c * k, k))
+        state, metrics = run.train_chunk(state, run.train_images, run.train_labels, idx)
+        history.append(jax.device_get(metrics))
+    return run, state, history
+
+
+def test_loss_falls_on_learnable_task():
+    _, _, history = run_steps(smoke_config(), num_calls=10)
+    first = history[0]["train/loss"][0]
+    last = np.mean(history[-1]["train/loss"])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_masked_weight_receives_no_update():
+    config = smoke_config()
+    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
+    mask = np.ones(run.state.params["block_0"]["fc1"]["kernel"].shape, bool)
+    mask[::3, 1::2] = False
+    masks = jax.tree.map(lambda m: m, run.state.masks)
+    masks["block_0"]["fc1"]["kernel"] = jax.numpy.asarray(mask)
+    params = jax.tree.map(lambda p: p, run.state.params)
+    kernel = np.asarray(params["block_0"]["fc1"]["kernel"]) * mask
+    params["block_0"]["fc1"]["kernel"] = jax.numpy.asarray(kernel)
+    state = run.state.replace(masks=masks, params=params)
+    _, state, _ = run_steps(config, num_calls=3, state=state)
+    after = np.asarray(state.params["block_0"]["fc1"]["kernel"])
+    assert np.all(after[~mask] == 0)
+    assert np.all(after[mask] != kernel[mask])
+
+
+def test_scan_of_k_steps_equals_k_single_steps():
+    config = smoke_config()
+    _, state_k, hist_k = run_steps(config, num_calls=2)
+    single = smoke_config(**{"train.steps_per_call": 1})
+    _, state_1, hist_1 = run_steps(single, num_calls=2 * config.train.steps_per_call)
+    for a, b in zip(jax.tree.leaves(state_k.params), jax.tree.leaves(state_1.params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    losses_1 = np.concatenate([h["train/loss"] for h in hist_1])
+    np.testing.assert_allclose(np.concatenate([h["train/loss"] for h in hist_k]), losses_1,
+                               rtol=1e-5)
+
+
+def restored_state(config, workdir):
+    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state = ckpt.restore(checkpoint.abstract_like(run.state))
+    ckpt.close()
+    return state
+
+
+def read_log(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    config = smoke_config()
+    full_dir, cut_dir = str(tmp_path / "full"), str(tmp_path / "cut")
+    final_full = loop.train_and_evaluate(config, full_dir, dataset=smoke_dataset())
+
+    real_build = loop.build
+    calls = {"n": 0}
+
+    def interrupting_build(*args, **kwargs):
+        run = real_build(*args, **kwargs)
+        chunk = run.train_chunk
+
+        def maybe_interrupt(*a):
+            calls["n"] += 1
+            if calls["n"] == 6:  # 5 calls of 4 steps done: step 20, between checkpoints
+                raise KeyboardInterrupt
+            return chunk(*a)
+
+        run.train_chunk = maybe_interrupt
+        return run
+
+    monkeypatch.setattr(loop, "build", interrupting_build)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(config, cut_dir, dataset=smoke_dataset())
+    monkeypatch.setattr(loop, "build", real_build)
+    assert checkpoint.Checkpointer(os.path.join(cut_dir, "checkpoints")).latest_step() == 20
+    final_cut = loop.train_and_evaluate(config, cut_dir, dataset=smoke_dataset())
+
+    assert final_cut == final_full
+    a, b = restored_state(config, full_dir), restored_state(config, cut_dir)
+    assert int(a.step) == int(b.step) == config.train.num_steps
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    def timeless(log):
+        return [{k: v for k, v in r.items() if k != "train/images_per_sec"} for r in log]
+
+    assert timeless(read_log(cut_dir)) == timeless(read_log(full_dir))
+
+
+def test_finished_run_is_not_retrained(tmp_path):
+    config = smoke_config(**{"train.num_steps": 8})
+    first = loop.train_and_evaluate(config, str(tmp_path), dataset=smoke_dataset())
+    lines = len(read_log(str(tmp_path)))
+    again = loop.train_and_evaluate(config, str(tmp_path), dataset=smoke_dataset())
+    assert again == first
+    assert len(read_log(str(tmp_path))) == lines
+
+
+def test_eval_counts_every_example_once():
+    config = smoke_config(**{"train.eval_batch_size": 64})  # 200 test examples: 3 full + 8
+    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
+    metrics = loop.evaluate(run, run.state)
+    # Hand-computed accuracy of the same params over the whole test set at once.
+    from nbjax import data
+
+    images = data.normalize(run.dataset.test_images, run.dataset.mean, run.dataset.std)
+    model_logits = loop.model_lib.build_model(config, run.dataset.num_classes).apply(
+        {"params": run.state.params, "masks": run.state.masks}, images)
+    expected = float(np.mean(np.argmax(model_logits, -1) == run.dataset.test_labels))
+    assert metrics["test/accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    config = smoke_config(**{"train.learning_rate": 1e30, "train.grad_clip_norm": 0.0,
+                             "train.warmup_steps": 0})
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        loop.train_and_evaluate(config, str(tmp_path), dataset=smoke_dataset())
+
+
+def test_optimizer_state_is_part_of_train_state():
+    config = smoke_config()
+    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
+    assert isinstance(run.state, train.TrainState)
+    assert int(run.state.step) == 0
