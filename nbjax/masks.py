@@ -225,7 +225,10 @@ def _apportion(real: dict[str, float], caps: dict[str, int], total: int) -> dict
 def erk_keep_counts(
     shapes: Mapping[str, Any], sparsity: float, erk_power_scale: float = 1.0
 ) -> dict[str, int]:
-    """Kept-entry counts per leaf under Erdős–Rényi-kernel (Evci et al., 2020, RigL).
+    """Kept-entry counts ``{path: k_l}`` under Erdős–Rényi-kernel (Evci et al., 2020, RigL).
+
+    ``shapes`` maps every leaf to share the budget over (nested or flat) to an array, a
+    ``ShapeDtypeStruct`` or a shape tuple.
 
     Density of leaf l is ``eps * r_l`` with ``r_l = ((fan_in + fan_out) / (fan_in * fan_out))
     ** erk_power_scale`` on the logical 2-D view, so a 3-D ``[D, H, Dh]`` kernel gets the
@@ -241,6 +244,11 @@ def erk_keep_counts(
     of a flattened patch.
     """
     sparsity = validate_sparsity(sparsity)
+    if not erk_power_scale >= 0:
+        raise ValueError(f"erk_power_scale must be >= 0, got {erk_power_scale!r}")
+    shapes = flatten(shapes)
+    if not shapes:
+        raise ValueError("erk_keep_counts: no leaves")
     sizes = {p: _size(s) for p, s in shapes.items()}
     raw = {p: _erk_raw_density(p, _shape(s), erk_power_scale) for p, s in shapes.items()}
     target = num_to_keep(sum(sizes.values()), sparsity)
@@ -297,8 +305,8 @@ def _clean_scores(scores: jax.Array) -> jax.Array:
     if scores.dtype == jnp.bool_:
         return scores.astype(jnp.int32)
     if jnp.issubdtype(scores.dtype, jnp.floating):
-        # Sorts order -0.0 before +0.0 but IEEE comparison calls them equal; make every zero
-        # +0.0 so that all zeros tie (index rule) in every implementation. NaN -> -inf.
+        # lax.top_k ranks -0.0 below +0.0 while the argsort (and ==) call them equal: make
+        # every zero +0.0 so all zeros tie (index rule) in both implementations. NaN -> -inf.
         zero = jnp.zeros((), scores.dtype)
         scores = jnp.where(scores == 0, zero, scores)
         return jnp.where(jnp.isnan(scores), -jnp.inf, scores)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbjax import masks as M
+from nbjax import masks as mk
 
 D, H, DH, MLP, CLASSES = 16, 2, 8, 32, 10
 
@@ -43,23 +43,25 @@ def make_params() -> dict:
 
 
 PARAMS = make_params()
-PATHS = M.prunable_paths(PARAMS)
-SIZES = {p: M.flatten(PARAMS)[p].size for p in PATHS}
+PATHS = mk.prunable_paths(PARAMS)
+SIZES = {p: mk.flatten(PARAMS)[p].size for p in PATHS}
 TOTAL = sum(SIZES.values())
 
 
 def random_scores(seed: int = 0) -> dict:
     keys = jax.random.split(jax.random.PRNGKey(seed), len(PATHS))
-    flat = M.flatten(PARAMS)
-    return {p: jnp.abs(jax.random.normal(k, flat[p].shape)) for p, k in zip(PATHS, keys)}
+    flat = mk.flatten(PARAMS)
+    return {
+        p: jnp.abs(jax.random.normal(k, flat[p].shape)) for p, k in zip(PATHS, keys, strict=True)
+    }
 
 
 def tie_scores() -> dict:
-    return {p: jnp.zeros(M.flatten(PARAMS)[p].shape) for p in PATHS}
+    return {p: jnp.zeros(mk.flatten(PARAMS)[p].shape) for p in PATHS}
 
 
 def kept(masks) -> dict[str, int]:
-    return {p: int(np.sum(m)) for p, m in M.flatten(masks).items()}
+    return {p: int(np.sum(m)) for p, m in mk.flatten(masks).items()}
 
 
 # ---------------------------------------------------------------------------- paths
@@ -71,116 +73,119 @@ def test_prunable_paths_default_selects_block_and_patch_kernels():
         for b in range(2)
         for m in ("attn/key", "attn/out", "attn/query", "attn/value", "mlp/fc1", "mlp/fc2")
     ]
-    assert PATHS == sorted(expected)
+    assert sorted(expected) == PATHS
     for p in PATHS:
         assert not p.startswith("head/") and p.endswith("kernel")
 
 
 def test_prunable_paths_filters_and_empty_selection_raises():
-    assert M.prunable_paths(PARAMS, include=r"/mlp/") == sorted(
-        f"block_{b}/mlp/{f}/{w}" for b in range(2) for f in ("fc1", "fc2") for w in ("bias", "kernel")
+    assert mk.prunable_paths(PARAMS, include=r"/mlp/") == sorted(
+        f"block_{b}/mlp/{f}/{w}"
+        for b in range(2)
+        for f in ("fc1", "fc2")
+        for w in ("bias", "kernel")
     )
-    assert "head/kernel" in M.prunable_paths(PARAMS, exclude=None)
+    assert "head/kernel" in mk.prunable_paths(PARAMS, exclude=None)
     with pytest.raises(ValueError, match="no prunable leaf"):
-        M.prunable_paths(PARAMS, include=r"nothing_matches")
+        mk.prunable_paths(PARAMS, include=r"nothing_matches")
     with pytest.raises(ValueError, match="no prunable leaf"):
-        M.prunable_paths(PARAMS, exclude=r"kernel")
+        mk.prunable_paths(PARAMS, exclude=r"kernel")
 
 
 def test_flatten_nest_roundtrip_and_idempotent():
-    flat = M.flatten(PARAMS)
+    flat = mk.flatten(PARAMS)
     assert "block_0/attn/query/kernel" in flat and "cls" in flat
-    assert M.flatten(flat).keys() == flat.keys()
-    assert jax.tree.structure(M.nest(flat)) == jax.tree.structure(PARAMS)
+    assert mk.flatten(flat).keys() == flat.keys()
+    assert jax.tree.structure(mk.nest(flat)) == jax.tree.structure(PARAMS)
 
 
 def test_logical_fan_in_out():
-    assert M.logical_fan_in_out("a/fc1/kernel", (16, 32)) == (16, 32)
-    assert M.logical_fan_in_out("attn/query/kernel", (16, 2, 8)) == (16, 16)
-    assert M.logical_fan_in_out("attn/out/kernel", (2, 8, 32)) == (16, 32)
-    assert M.logical_fan_in_out("patch_embed/kernel", (7, 7, 3, 16)) == (147, 16)
+    assert mk.logical_fan_in_out("a/fc1/kernel", (16, 32)) == (16, 32)
+    assert mk.logical_fan_in_out("attn/query/kernel", (16, 2, 8)) == (16, 16)
+    assert mk.logical_fan_in_out("attn/out/kernel", (2, 8, 32)) == (16, 32)
+    assert mk.logical_fan_in_out("patch_embed/kernel", (7, 7, 3, 16)) == (147, 16)
     with pytest.raises(ValueError):
-        M.logical_fan_in_out("bias", (16,))
+        mk.logical_fan_in_out("bias", (16,))
     w = jnp.arange(2 * 8 * 4).reshape(2, 8, 4)
-    np.testing.assert_array_equal(M.to_matrix("attn/out/kernel", w), np.arange(64).reshape(16, 4))
+    np.testing.assert_array_equal(mk.to_matrix("attn/out/kernel", w), np.arange(64).reshape(16, 4))
 
 
 def test_ones_masks_only_prunable_leaves():
-    masks = M.ones_masks(PARAMS, PATHS)
-    flat = M.flatten(masks)
+    masks = mk.ones_masks(PARAMS, PATHS)
+    flat = mk.flatten(masks)
     assert sorted(flat) == PATHS
     for p, m in flat.items():
-        assert m.dtype == jnp.bool_ and m.shape == M.flatten(PARAMS)[p].shape and bool(m.all())
+        assert m.dtype == jnp.bool_ and m.shape == mk.flatten(PARAMS)[p].shape and bool(m.all())
 
 
 # ---------------------------------------------------------------------------- counts
 
 
 def test_num_to_keep_rounding():
-    assert M.num_to_keep(100, 0.9) == 10  # (1 - 0.9) * 100 = 9.999... rounds to 10
-    assert M.num_to_keep(10, 0.25) == 8  # 7.5 rounds half up
-    assert M.num_to_keep(10, 0.0) == 10
-    assert M.num_to_keep(10, 1.0) == 0
-    assert M.num_to_keep(3, 0.5) == 2
-    assert int(M.num_to_keep(100, jnp.float32(0.9))) == 10
+    assert mk.num_to_keep(100, 0.9) == 10  # (1 - 0.9) * 100 = 9.999... rounds to 10
+    assert mk.num_to_keep(10, 0.25) == 8  # 7.5 rounds half up
+    assert mk.num_to_keep(10, 0.0) == 10
+    assert mk.num_to_keep(10, 1.0) == 0
+    assert mk.num_to_keep(3, 0.5) == 2
+    assert int(mk.num_to_keep(100, jnp.float32(0.9))) == 10
     with pytest.raises(ValueError):
-        M.num_to_keep(10, 1.5)
+        mk.num_to_keep(10, 1.5)
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 @pytest.mark.parametrize("scores_fn", [random_scores, tie_scores])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_layerwise_exact_counts(distribution, scores_fn, sparsity):
-    targets = M.target_sparsities(PARAMS, PATHS, sparsity, distribution)
-    masks = M.compute_masks(scores_fn(), sparsity, distribution, "layerwise")
+    targets = mk.target_sparsities(PARAMS, PATHS, sparsity, distribution)
+    masks = mk.compute_masks(scores_fn(), sparsity, distribution, "layerwise")
     counts = kept(masks)
     assert sorted(counts) == PATHS
     for p in PATHS:
-        assert counts[p] == M.num_to_keep(SIZES[p], targets[p])
+        assert counts[p] == mk.num_to_keep(SIZES[p], targets[p])
     if distribution == "uniform":
         assert all(v == sparsity for v in targets.values())
-        assert abs(sum(counts.values()) - M.num_to_keep(TOTAL, sparsity)) <= len(PATHS) / 2
+        assert abs(sum(counts.values()) - mk.num_to_keep(TOTAL, sparsity)) <= len(PATHS) / 2
     else:
-        assert sum(counts.values()) == M.num_to_keep(TOTAL, sparsity)
+        assert sum(counts.values()) == mk.num_to_keep(TOTAL, sparsity)
 
 
 @pytest.mark.parametrize("scores_fn", [random_scores, tie_scores])
 @pytest.mark.parametrize("sparsity", [0.0, 0.37, 0.9])
 def test_global_exact_total(scores_fn, sparsity):
-    masks = M.compute_masks(scores_fn(), sparsity, "uniform", "global")
-    assert sum(kept(masks).values()) == M.num_to_keep(TOTAL, sparsity)
-    assert sorted(M.flatten(masks)) == PATHS
+    masks = mk.compute_masks(scores_fn(), sparsity, "uniform", "global")
+    assert sum(kept(masks).values()) == mk.num_to_keep(TOTAL, sparsity)
+    assert sorted(mk.flatten(masks)) == PATHS
 
 
 def test_global_keeps_largest_and_ties_follow_path_order():
     scores = {"a/kernel": jnp.array([[1.0, 5.0], [3.0, 0.0]]), "b/kernel": jnp.array([[4.0, 2.0]])}
-    masks = M.flatten(M.global_masks(scores, 0.5))  # keep 3 of 6: 5, 4, 3
+    masks = mk.flatten(mk.global_masks(scores, 0.5))  # keep 3 of 6: 5, 4, 3
     np.testing.assert_array_equal(masks["a/kernel"], [[False, True], [True, False]])
     np.testing.assert_array_equal(masks["b/kernel"], [[True, False]])
     ties = {"b/kernel": jnp.ones((1, 2)), "a/kernel": jnp.ones((2, 2))}
-    masks = M.flatten(M.global_masks(ties, 0.5))  # 'a' comes first in path order
+    masks = mk.flatten(mk.global_masks(ties, 0.5))  # 'a' comes first in path order
     np.testing.assert_array_equal(masks["a/kernel"], [[True, True], [True, False]])
     np.testing.assert_array_equal(masks["b/kernel"], [[False, False]])
 
 
 def test_global_with_erk_raises_and_unknown_values_raise():
     with pytest.raises(ValueError, match="global"):
-        M.compute_masks(random_scores(), 0.5, "erk", "global")
+        mk.compute_masks(random_scores(), 0.5, "erk", "global")
     with pytest.raises(ValueError, match="allowed"):
-        M.compute_masks(random_scores(), 0.5, "bogus", "layerwise")
+        mk.compute_masks(random_scores(), 0.5, "bogus", "layerwise")
     with pytest.raises(ValueError, match="allowed"):
-        M.compute_masks(random_scores(), 0.5, "uniform", "bogus")
+        mk.compute_masks(random_scores(), 0.5, "uniform", "bogus")
     with pytest.raises(ValueError, match="allowed"):
-        M.target_sparsities(PARAMS, PATHS, 0.5, "bogus")
+        mk.target_sparsities(PARAMS, PATHS, 0.5, "bogus")
     with pytest.raises(ValueError):
-        M.target_sparsities(PARAMS, PATHS, 1.0)
+        mk.target_sparsities(PARAMS, PATHS, 1.0)
 
 
 # ---------------------------------------------------------------------------- ERK
 
 
 def test_erk_densities_follow_the_formula():
-    t = M.target_sparsities(PARAMS, PATHS, 0.8, "erk")
+    t = mk.target_sparsities(PARAMS, PATHS, 0.8, "erk")
     dens = {p: 1.0 - s for p, s in t.items()}
     # raw densities (fan_in + fan_out) / (fan_in * fan_out): qkv/out 32/256, fc 48/512,
     # patch 65/784: the wider the layer, the sparser.
@@ -196,11 +201,15 @@ def test_erk_densities_follow_the_formula():
 
 
 def test_erk_3d_kernel_equals_equivalent_matrix():
-    shapes_3d = {"attn/query/kernel": (16, 2, 8), "attn/out/kernel": (2, 8, 16), "fc/kernel": (16, 64)}
+    shapes_3d = {
+        "attn/query/kernel": (16, 2, 8),
+        "attn/out/kernel": (2, 8, 16),
+        "fc/kernel": (16, 64),
+    }
     shapes_2d = {"attn/query/kernel": (16, 16), "attn/out/kernel": (16, 16), "fc/kernel": (16, 64)}
     paths = sorted(shapes_3d)
-    t3 = M.target_sparsities(shapes_3d, paths, 0.7, "erk")
-    t2 = M.target_sparsities(shapes_2d, paths, 0.7, "erk")
+    t3 = mk.target_sparsities(shapes_3d, paths, 0.7, "erk")
+    t2 = mk.target_sparsities(shapes_2d, paths, 0.7, "erk")
     assert t3 == t2
 
 
@@ -210,25 +219,25 @@ def test_erk_caps_tiny_layer_dense_and_keeps_budget():
     sizes = {"tiny/kernel": 4, "big/kernel": 4096, "mid/kernel": 512}
     total = sum(sizes.values())
     for sparsity in (0.5, 0.9, 0.95):
-        t = M.target_sparsities(shapes, paths, sparsity, "erk")
+        t = mk.target_sparsities(shapes, paths, sparsity, "erk")
         assert t["tiny/kernel"] == 0.0  # raw density 1: would exceed 1, so it is dense
-        counts = {p: M.num_to_keep(sizes[p], t[p]) for p in paths}
-        assert sum(counts.values()) == M.num_to_keep(total, sparsity)
+        counts = {p: mk.num_to_keep(sizes[p], t[p]) for p in paths}
+        assert sum(counts.values()) == mk.num_to_keep(total, sparsity)
     # 0.9: K = 461; eps = 457 / (4096/32 + 512*3/32) = 457 / 176 over big and mid
-    t = M.target_sparsities(shapes, paths, 0.9, "erk")
+    t = mk.target_sparsities(shapes, paths, 0.9, "erk")
     np.testing.assert_allclose(1 - t["mid/kernel"], 457 / 176 * 48 / 512, atol=1 / 512)
     np.testing.assert_allclose(1 - t["big/kernel"], 457 / 176 * 128 / 4096, atol=1 / 4096)
     # 0.5: K = 2306; eps = 2306/180 puts tiny (12.8) and mid (1.2) over 1: both dense, and
     # big takes the rest of the budget exactly
-    t = M.target_sparsities(shapes, paths, 0.5, "erk")
+    t = mk.target_sparsities(shapes, paths, 0.5, "erk")
     assert t["mid/kernel"] == 0.0
     assert t["big/kernel"] == 1 - (2306 - 4 - 512) / 4096
     # with no sparsity every layer is dense
-    assert all(v == 0.0 for v in M.target_sparsities(shapes, paths, 0.0, "erk").values())
+    assert all(v == 0.0 for v in mk.target_sparsities(shapes, paths, 0.0, "erk").values())
 
 
 def test_erk_power_scale_zero_is_uniform():
-    t = M.target_sparsities(PARAMS, PATHS, 0.75, "erk", erk_power_scale=0.0)
+    t = mk.target_sparsities(PARAMS, PATHS, 0.75, "erk", erk_power_scale=0.0)
     for p in PATHS:
         assert abs(t[p] - 0.75) <= 1 / SIZES[p]
 
@@ -247,35 +256,37 @@ def test_topk_mask_golden_with_ties():
         5: [[1, 1, 1], [0, 1, 1]],
         6: [[1, 1, 1], [1, 1, 1]],
     }
-    dyn = jax.jit(M.topk_mask_dynamic)
+    dyn = jax.jit(mk.topk_mask_dynamic)
     for k, e in expected.items():
-        np.testing.assert_array_equal(M.topk_mask(s, k), np.array(e, bool), err_msg=f"k={k}")
+        np.testing.assert_array_equal(mk.topk_mask(s, k), np.array(e, bool), err_msg=f"k={k}")
         np.testing.assert_array_equal(dyn(s, k), np.array(e, bool), err_msg=f"dyn k={k}")
     with pytest.raises(ValueError):
-        M.topk_mask(s, 7)
+        mk.topk_mask(s, 7)
 
 
 def test_topk_mask_all_equal_signed_zeros_and_nan():
     z = jnp.array([0.0, -0.0, 0.0, -0.0, 0.0, -0.0])
-    np.testing.assert_array_equal(M.topk_mask(z, 4), [1, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(M.topk_mask(z, 2), [1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mk.topk_mask(z, 4), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(mk.topk_mask(z, 2), [1, 1, 0, 0, 0, 0])
     x = jnp.array([jnp.nan, 1.0, -5.0])
-    np.testing.assert_array_equal(M.topk_mask(x, 2), [0, 1, 1])
+    np.testing.assert_array_equal(mk.topk_mask(x, 2), [0, 1, 1])
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (7, 7, 1, 16)])
 def test_topk_static_dynamic_agree_under_jit(shape):
     x = jnp.round(jax.random.normal(jax.random.PRNGKey(1), shape) * 4) / 4  # many ties
     n = x.size
-    static = jax.jit(M.topk_mask, static_argnums=1)
-    dyn = jax.jit(M.topk_mask_dynamic)
+    static = jax.jit(mk.topk_mask, static_argnums=1)
+    dyn = jax.jit(mk.topk_mask_dynamic)
     for k in (0, 1, n // 10, n // 2, n // 2 + 1, 9 * n // 10, n):
         a, b = static(x, k), dyn(x, jnp.int32(k))
         assert int(a.sum()) == k
         np.testing.assert_array_equal(a, b)
         # the kept scores are the k largest
         if 0 < k < n:
-            assert float(jnp.min(jnp.where(a, x, jnp.inf))) >= float(jnp.max(jnp.where(a, -jnp.inf, x)))
+            assert float(jnp.min(jnp.where(a, x, jnp.inf))) >= float(
+                jnp.max(jnp.where(a, -jnp.inf, x))
+            )
 
 
 def test_traced_sparsity_under_jit():
@@ -283,24 +294,26 @@ def test_traced_sparsity_under_jit():
 
     @jax.jit
     def build(s):
-        return M.compute_masks(scores, s, "uniform", "layerwise"), M.global_masks(scores, s)
+        return mk.compute_masks(scores, s, "uniform", "layerwise"), mk.global_masks(scores, s)
 
     for s in (0.5, 0.9):
         lw, gl = build(jnp.float32(s))
-        assert kept(lw) == kept(M.compute_masks(scores, s, "uniform", "layerwise"))
-        assert sum(kept(gl).values()) == M.num_to_keep(TOTAL, s)
+        assert kept(lw) == kept(mk.compute_masks(scores, s, "uniform", "layerwise"))
+        assert sum(kept(gl).values()) == mk.num_to_keep(TOTAL, s)
     with pytest.raises(ValueError, match="erk"):
-        jax.jit(lambda s: M.compute_masks(scores, s, "erk", "layerwise"))(0.5)
+        jax.jit(lambda s: mk.compute_masks(scores, s, "erk", "layerwise"))(0.5)
 
 
 def test_random_masks_exact_and_deterministic():
-    targets = M.target_sparsities(PARAMS, PATHS, 0.8, "erk")
-    m1 = M.random_masks(jax.random.PRNGKey(3), PARAMS, targets)
-    m2 = M.random_masks(jax.random.PRNGKey(3), {p: tuple(M.flatten(PARAMS)[p].shape) for p in PATHS}, targets)
-    m3 = M.random_masks(jax.random.PRNGKey(4), PARAMS, targets)
-    assert sum(kept(m1).values()) == M.num_to_keep(TOTAL, 0.8)
+    targets = mk.target_sparsities(PARAMS, PATHS, 0.8, "erk")
+    m1 = mk.random_masks(jax.random.PRNGKey(3), PARAMS, targets)
+    m2 = mk.random_masks(
+        jax.random.PRNGKey(3), {p: tuple(mk.flatten(PARAMS)[p].shape) for p in PATHS}, targets
+    )
+    m3 = mk.random_masks(jax.random.PRNGKey(4), PARAMS, targets)
+    assert sum(kept(m1).values()) == mk.num_to_keep(TOTAL, 0.8)
     for p in PATHS:
-        assert kept(m1)[p] == M.num_to_keep(SIZES[p], targets[p])
+        assert kept(m1)[p] == mk.num_to_keep(SIZES[p], targets[p])
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), m1, m2))
     assert not jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), m1, m3))
 
@@ -314,20 +327,20 @@ def test_apply_masks_zeros_exactly_masked_entries():
         "head": {"kernel": jnp.ones((3, 2))},
     }
     masks = {"l": {"kernel": jnp.array([[True, False, True], [False, False, True]])}}
-    out = M.apply_masks(params, masks)
+    out = mk.apply_masks(params, masks)
     np.testing.assert_array_equal(out["l"]["kernel"], [[1.0, 0.0, 3.0], [0.0, 0.0, 6.0]])
     np.testing.assert_array_equal(out["l"]["bias"], params["l"]["bias"])
     np.testing.assert_array_equal(out["head"]["kernel"], params["head"]["kernel"])
     assert jax.tree.structure(out) == jax.tree.structure(params)
     with pytest.raises(ValueError, match="no matching param"):
-        M.apply_masks(params, {"x": {"kernel": jnp.ones((2, 3), bool)}})
+        mk.apply_masks(params, {"x": {"kernel": jnp.ones((2, 3), bool)}})
     with pytest.raises(ValueError, match="shape"):
-        M.apply_masks(params, {"l": {"kernel": jnp.ones((3, 2), bool)}})
+        mk.apply_masks(params, {"l": {"kernel": jnp.ones((3, 2), bool)}})
 
 
 def test_sparsity_stats_jit():
     masks = {"a": {"kernel": jnp.array([[True, False], [False, False]])}, "b": jnp.ones((4,), bool)}
-    stats = jax.jit(M.sparsity_stats)(masks)
+    stats = jax.jit(mk.sparsity_stats)(masks)
     assert float(stats["a/kernel"]) == 0.75
     assert float(stats["b"]) == 0.0
     assert float(stats["total"]) == 3 / 8
