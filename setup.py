@@ -1,12 +1,14 @@
 """nbjax: neural burden of pruning-during-training in Vision Transformers (JAX/Flax)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="nbjax",
     version="0.1.0",
     description="Study and mitigate the neural burden of pruning-during-training in ViTs.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["nbjax", "nbjax.*"]),
@@ -27,8 +29,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "ruff>=0.6"],
-        "tpu": ["jax[tpu]>=0.7.0"],
-        "cuda": ["jax[cuda12]>=0.7.0"],
+        # gcsfs: gs:// workdirs (etils.epath reads and writes them through fsspec/gcsfs)
+        "gcs": ["gcsfs>=2024.2.0"],
+        "tpu": ["jax[tpu]>=0.7.0", "gcsfs>=2024.2.0"],
+        "cuda": ["jax[cuda12]>=0.7.0", "gcsfs>=2024.2.0"],
     },
     entry_points={"console_scripts": ["nbjax-train=nbjax.main:run"]},
 )

@@ -13,13 +13,17 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
     """Periodic, asynchronous saves of one pytree; restore of the latest complete one."""
 
-    def __init__(self, directory: str, keep: int = 2) -> None:
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:
+        directory = str(directory)
+        # Local paths are made absolute (Orbax wants that); gs:// and other URLs stay as they are.
+        self.directory = epath.Path(directory if "://" in directory
+                                    else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -8,7 +8,10 @@ anything is compiled, naming the key and the allowed values.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -81,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.pruning.drop_fraction = 0.3  # set/rigl: initial fraction of kept weights dropped per update
     c.pruning.drop_end_frac = 0.75  # set/rigl: drop fraction decays to 0 here (cosine)
     c.pruning.erk_power_scale = 1.0
+    # Persistent gmp/pdwp: keep recomputing the mask every ΔT at the final sparsity until this
+    # fraction of training (1.0 = to the end, as DPF; <= end_frac freezes the mask at end_frac).
+    c.pruning.persistent_end_frac = 1.0
 
     c.mitigation = ml_collections.ConfigDict()
     c.mitigation.persistent = False
@@ -141,6 +147,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "need 0 <= pruning.start_frac < pruning.end_frac <= 1")
     check(0.0 <= p.drop_fraction < 1.0, "pruning.drop_fraction", "must be in [0, 1)")
     check(0.0 < p.drop_end_frac <= 1.0, "pruning.drop_end_frac", "must be in (0, 1]")
+    check(0.0 <= p.persistent_end_frac <= 1.0, "pruning.persistent_end_frac",
+          "must be in [0, 1]")
+    check(p.erk_power_scale >= 0, "pruning.erk_power_scale", "must be >= 0")
+    check(p.exponent > 0, "pruning.exponent", "must be > 0")
+    check(p.method not in ("gmp", "pdwp") or p.initial_sparsity <= p.sparsity,
+          "pruning.initial_sparsity", "must be <= pruning.sparsity (gmp/pdwp only prune)")
+    check(p.scope != "global" or p.distribution == "uniform", "pruning.distribution",
+          "scope='global' takes its per-leaf sparsities from one top-k over all leaves, so "
+          "a distribution cannot also be imposed: use 'uniform' (or scope='layerwise')")
+    check(not (config.mitigation.persistent and p.method == "static"),
+          "mitigation.persistent", "pruning.method='static' never recomputes its mask, so it "
+          "has no persistent variant (use gmp, set, rigl or pdwp)")
     check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
     tm = config.mitigation.token_merging
     check(tm.r >= 0, "mitigation.token_merging.r", "must be >= 0")
@@ -153,3 +171,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def to_json(config: ml_collections.ConfigDict) -> str:
     """The resolved config as indented JSON (written beside every run)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file, e.g. one experiment config built on another."""
+    spec = importlib.util.spec_from_file_location(f"nbjax_config_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -17,11 +17,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
+from nbjax import burden as burden_lib
 from nbjax import checkpoint as checkpoint_lib
 from nbjax import config as config_lib
 from nbjax import data as data_lib
+from nbjax import flops as flops_lib
 from nbjax import model as model_lib
 from nbjax import sharding as sharding_lib
 from nbjax import train
@@ -67,25 +70,35 @@ class BatchOrder:
 class MetricsLog:
     """JSON-lines metrics, one object per line with its step; resume drops lines past it."""
 
-    def __init__(self, path: str, resume_step: int, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str | os.PathLike, resume_step: int, enabled: bool = True) -> None:
+        self.path, self.enabled = epath.Path(path), enabled
+        self._lines: list[str] = []
         if not enabled:
             return
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip()
-                        and json.loads(line).get("step", 0) <= resume_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+        if self.path.exists():
+            self._lines = [line + "\n" for line in self.path.read_text().splitlines()
+                           if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            _write_atomic(self.path, "".join(self._lines))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step)}
         record.update({k: _to_python(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if "://" not in str(self.path):  # a local file: append
+            with self.path.open("a") as f:
+                f.write(line)
+        else:  # object stores (gs://) cannot append: rewrite the whole (small) file
+            self._lines.append(line)
+            _write_atomic(self.path, "".join(self._lines))
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _to_python(value: Any) -> Any:
@@ -135,65 +148,96 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     tx = train.make_optimizer(config, steps)
     pruner = make_pruner(config, steps)
     lr_fn = train.learning_rate_fn(config, steps)
+    # The burden metrics (docs/burden.md): off, the model collects no statistics either.
+    tracker = burden_lib.make_tracker(config, model, pruner.persistent, steps,
+                                      dataset.image_shape) if config.burden.enabled else None
 
-    state = train.init_state(model, tx, pruner, dataset.image_shape, config.seed)
-    shardings = sharding_lib.state_shardings(state, mesh, config.sharding.mode,
+    def init() -> train.TrainState:
+        return train.init_state(model, tx, pruner, dataset.image_shape, config.seed,
+                                burden_init=tracker.init if tracker is not None else None)
+
+    # The state is created by a compiled call straight into its shardings: no host copy, no
+    # transfer, and on several processes each one creates only the shards its devices hold.
+    shardings = sharding_lib.state_shardings(jax.eval_shape(init), mesh, config.sharding.mode,
                                              config.sharding.fsdp_min_size)
-    state = jax.device_put(state, shardings)
+    state = jax.jit(init, out_shardings=shardings)()
     step = train.make_train_step(config, model, tx, pruner, dataset.num_classes,
-                                 dataset.mean, dataset.std, lr_fn=lr_fn)
+                                 dataset.mean, dataset.std, burden_fn=tracker, lr_fn=lr_fn)
     repl = sharding_lib.replicated(mesh)
     train_chunk = jax.jit(train.make_multi_step(step), donate_argnums=0,
                           out_shardings=(shardings, repl))
     eval_step = jax.jit(train.make_eval_step(model, dataset.num_classes, dataset.mean,
                                              dataset.std), out_shardings=repl)
-    put = lambda x: jax.device_put(x, repl)
+    # The dataset is replicated on every device (MNIST and CIFAR-10 fit easily); each device
+    # gathers only its own rows of the batch from it (see docs/scaling.md).
+    put = lambda x: sharding_lib.put_replicated(x, mesh)
     return Run(config, dataset, mesh, state, shardings, train_chunk, eval_step,
                put(dataset.train_images), put(dataset.train_labels),
                put(dataset.test_images), put(dataset.test_labels), steps)
 
 
+def eval_batches(num_examples: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (idx, valid) rows of every global eval batch; the last one is padded.
+
+    Padding rows point at example 0 with ``valid`` 0, so every example counts exactly once,
+    whichever process's devices hold its row.
+    """
+    out = []
+    for start in range(0, num_examples, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = (idx < num_examples).astype(np.int32)
+        out.append((np.where(valid == 1, idx, 0).astype(np.int32), valid))
+    return out
+
+
 def evaluate(run: Run, state: train.TrainState) -> dict[str, float]:
-    """Test loss and accuracy over every test example exactly once (last batch padded)."""
-    n = len(run.dataset.test_labels)
-    batch = run.config.train.eval_batch_size
+    """Test loss and accuracy over every test example exactly once (last batch padded).
+
+    Each process transfers only its rows of each global batch; the sums come back replicated.
+    """
     sharding = sharding_lib.batch_sharding(run.mesh)
     sums = []
-    for start in range(0, n, batch):
-        idx = np.arange(start, start + batch)
-        valid = (idx < n).astype(np.int32)
-        idx = np.where(valid == 1, idx, 0).astype(np.int32)
+    for idx, valid in eval_batches(len(run.dataset.test_labels),
+                                   run.config.train.eval_batch_size):
         sums.append(run.eval_step(state.params, state.masks, run.test_images, run.test_labels,
-                                  jax.device_put(idx, sharding), jax.device_put(valid, sharding)))
-    total = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))
-    return {"test/accuracy": float(total["correct"] / total["count"]),
-            "test/loss": float(total["loss"] / total["count"])}
+                                  sharding_lib.put_batch(idx, sharding),
+                                  sharding_lib.put_batch(valid, sharding)))
+    sums = jax.device_get(sums)  # one explicit transfer; the adding is done on the host
+    total = {k: float(sum(np.float64(s[k]) for s in sums)) for k in sums[0]}
+    return {"test/accuracy": total["correct"] / total["count"],
+            "test/loss": total["loss"] / total["count"]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: data_lib.Dataset | None = None) -> dict[str, Any]:
-    """Trains (resuming from ``workdir`` if it holds a checkpoint), evaluates, returns metrics."""
-    os.makedirs(workdir, exist_ok=True)
+    """Trains (resuming from ``workdir`` if it holds a checkpoint), evaluates, returns metrics.
+
+    ``workdir`` is a local path or a ``gs://`` URL. With several processes every process calls
+    this (SPMD); only process 0 writes files, except the checkpoints, which Orbax writes
+    collectively, so ``workdir`` must be one location that every process sees.
+    """
+    workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
     run = build(config, dataset)
     t = config.train
-    final_path = os.path.join(workdir, "final_metrics.json")
+    final_path = workdir / "final_metrics.json"
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       keep=t.keep_checkpoints)
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     state = run.state
     start = ckpt.latest_step() or 0
-    if start == run.total_steps and os.path.exists(final_path):
+    if start == run.total_steps and final_path.exists():
         ckpt.close()
-        with open(final_path) as f:
-            return json.load(f)
+        return json.loads(final_path.read_text())
     if start:
         state = ckpt.restore(checkpoint_lib.abstract_like(state))
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, enabled=is_main)
+    if is_main:  # tokens per block and forward FLOPs/image, printed and in flops.json
+        flops_lib.startup_report(config, run.dataset.num_classes, run.dataset.image_shape,
+                                 workdir)
+    log = MetricsLog(workdir / "metrics.jsonl", start, enabled=is_main)
     order = BatchOrder(len(run.dataset.train_labels), t.batch_size, config.seed)
-    idx_sharding = sharding_lib.batch_sharding(run.mesh, batch_axis=1)
     bar = tqdm(total=run.total_steps, initial=start, disable=not (t.progress and is_main),
                unit="step", dynamic_ncols=True)
     step, last_log_step, last_log_time = start, start, time.perf_counter()
@@ -201,8 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
         while step < run.total_steps:
             k = min(t.steps_per_call, run.total_steps - step)
-            idx = jax.device_put(order.block(step, k), idx_sharding)
-            state, metrics = run.train_chunk(state, run.train_images, run.train_labels, idx)
+            state, metrics = run.train_chunk(state, run.train_images, run.train_labels,
+                                             train_indices(run, order, step, k))
             pending.append(metrics)
             before, step = step, step + k
             bar.update(k)
@@ -224,6 +268,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 ckpt.save(step, state)
     except KeyboardInterrupt:
         bar.close()
+        if jax.process_count() > 1:
+            # A save is collective and the other processes are not here: saving would hang.
+            # The periodic checkpoints (train.checkpoint_every) are the resume points.
+            if is_main:
+                print(f"\ninterrupted at step {step}; several processes, so no save on "
+                      f"interrupt: a rerun resumes from the latest checkpoint in "
+                      f"{ckpt.directory}")
+            raise
         ckpt.save(step, state, force=True)
         ckpt.close()
         print(f"\ninterrupted: saved a checkpoint at step {step} in {ckpt.directory}; "
@@ -237,10 +289,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.save(step, state, force=True)
     ckpt.close()
     if is_main:
-        with open(final_path + ".tmp", "w") as f:
-            json.dump(final, f, indent=2)
-        os.replace(final_path + ".tmp", final_path)
+        _write_atomic(final_path, json.dumps(final, indent=2))
     return final
+
+
+def train_indices(run: Run, order: BatchOrder, step: int, num_steps: int) -> jax.Array:
+    """The [num_steps, batch] example indices of the next call, sharded over the batch.
+
+    Every process knows the whole (cheap, seeded) batch order but transfers only the columns
+    its own devices hold; each device then gathers its own examples from the replicated
+    dataset inside the compiled step. An explicit transfer, allowed by the transfer guard.
+    """
+    sharding = sharding_lib.batch_sharding(run.mesh, batch_axis=1)
+    return sharding_lib.put_batch(order.block(step, num_steps), sharding)
 
 
 def _last_values(pending: list[dict[str, Any]]) -> dict[str, Any]:

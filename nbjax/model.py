@@ -43,6 +43,10 @@ class MaskedLinear(nn.Module):
 
     Covers Dense ([in, out]), the attention projections ([D, H, Dh] and [H, Dh, D]) and the
     patch embedding ([p, p, C, D]) with one code path, so masking and statistics are uniform.
+
+    ``measure_pruned`` (the burden probe pass, :func:`nbjax.burden.pruned_signal`) also sows
+    ``pruned_sq`` = ||x (W ⊙ (1 - M))||² and ``dense_sq`` = ||x W||² (bias excluded, summed
+    over batch, tokens and outputs) for the dense kernel W: one more matmul per layer.
     """
 
     features: tuple[int, ...]
@@ -50,6 +54,7 @@ class MaskedLinear(nn.Module):
     use_bias: bool = True
     mask_mode: str = "multiply"
     collect_stats: bool = False
+    measure_pruned: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -69,8 +74,17 @@ class MaskedLinear(nn.Module):
         if self.collect_stats:
             lead = tuple(range(x.ndim - self.in_axes))
             self.sow("stats", "in_abs_mean", jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=lead))
+        dense_kernel = kernel
         kernel = _masked(kernel, mask, self.mask_mode).astype(self.dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.in_axes)
+        if self.measure_pruned:
+            kept = y.astype(jnp.float32)
+            removed = jnp.zeros_like(kept) if mask is None else jnp.tensordot(
+                x.astype(self.dtype), jnp.where(mask, jnp.zeros_like(dense_kernel),
+                                                dense_kernel).astype(self.dtype),
+                axes=self.in_axes).astype(jnp.float32)
+            self.sow("stats", "pruned_sq", jnp.sum(jnp.square(removed)))
+            self.sow("stats", "dense_sq", jnp.sum(jnp.square(kept + removed)))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, self.features)
             y = y + bias.astype(self.dtype)
@@ -83,13 +97,15 @@ class Attention(nn.Module):
     num_heads: int
     mask_mode: str = "multiply"
     collect_stats: bool = False
+    measure_pruned: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, size: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         dim = x.shape[-1]
         head_dim = dim // self.num_heads
-        proj = dict(mask_mode=self.mask_mode, collect_stats=self.collect_stats, dtype=self.dtype)
+        proj = dict(mask_mode=self.mask_mode, collect_stats=self.collect_stats,
+                    measure_pruned=self.measure_pruned, dtype=self.dtype)
         q = MaskedLinear((self.num_heads, head_dim), name="query", **proj)(x)
         k = MaskedLinear((self.num_heads, head_dim), name="key", **proj)(x)
         v = MaskedLinear((self.num_heads, head_dim), name="value", **proj)(x)
@@ -103,18 +119,26 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; merges ``merge_r`` tokens after attention when > 0."""
+    """Pre-LayerNorm transformer block; merges ``merge_r`` tokens after attention when > 0.
+
+    With ``token_stats`` it sows into ``'stats'`` the number of tokens it hands on (after its
+    merge) and the mean and max token size (input tokens per token, 1 before any merge):
+    ``num_tokens``, ``mean_token_size``, ``max_token_size`` (logged by :func:`token_metrics`).
+    """
 
     num_heads: int
     mlp_dim: int
     merge_r: int = 0
     mask_mode: str = "multiply"
     collect_stats: bool = False
+    token_stats: bool = False
+    measure_pruned: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, size, source):
-        proj = dict(mask_mode=self.mask_mode, collect_stats=self.collect_stats, dtype=self.dtype)
+        proj = dict(mask_mode=self.mask_mode, collect_stats=self.collect_stats,
+                    measure_pruned=self.measure_pruned, dtype=self.dtype)
         attn_out, metric = Attention(self.num_heads, name="attn", **proj)(
             nn.LayerNorm(name="ln1", dtype=self.dtype)(x), size)
         x = x + attn_out
@@ -127,11 +151,13 @@ class Block(nn.Module):
         h = nn.gelu(h)
         h = MaskedLinear((x.shape[-1],), name="fc2", **proj)(h)
         x = x + h
-        if self.collect_stats:
+        if self.token_stats:
             self.sow("stats", "num_tokens", jnp.asarray(x.shape[1], jnp.float32))
-            if size is not None:
-                self.sow("stats", "mean_token_size", jnp.mean(size))
-                self.sow("stats", "max_token_size", jnp.max(size))
+            one = jnp.ones((), jnp.float32)
+            self.sow("stats", "mean_token_size",
+                     one if size is None else jnp.mean(size.astype(jnp.float32)))
+            self.sow("stats", "max_token_size",
+                     one if size is None else jnp.max(size.astype(jnp.float32)))
         return x, size, source
 
 
@@ -140,6 +166,8 @@ class ViT(nn.Module):
 
     ``merge_r[l]`` tokens are merged in block l (all zeros: no merging). The head reads the class
     token (``pool='cls'``) or the size-weighted mean of all tokens (``pool='mean'``).
+    ``token_stats`` (on when the model merges, see :func:`build_model`) makes every block sow
+    its token count and sizes (see :class:`Block`), independently of ``collect_stats``.
     """
 
     num_classes: int
@@ -152,6 +180,8 @@ class ViT(nn.Module):
     merge_r: Sequence[int] = ()
     mask_mode: str = "multiply"
     collect_stats: bool = False
+    token_stats: bool = False
+    measure_pruned: bool = False  # the burden probe pass (see MaskedLinear)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -164,7 +194,7 @@ class ViT(nn.Module):
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, -1, p, p, channels)
         x = MaskedLinear((self.hidden_dim,), in_axes=3, name="patch_embed",
                          mask_mode=self.mask_mode, collect_stats=self.collect_stats,
-                         dtype=self.dtype)(patches)
+                         measure_pruned=self.measure_pruned, dtype=self.dtype)(patches)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_dim))
         x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.hidden_dim)).astype(x.dtype),
                              x], axis=1)
@@ -179,7 +209,9 @@ class ViT(nn.Module):
         for i in range(self.depth):
             x, size, source = Block(self.num_heads, self.mlp_dim, merge_r[i],
                                     mask_mode=self.mask_mode, collect_stats=self.collect_stats,
-                                    dtype=self.dtype, name=f"block_{i}")(x, size, source)
+                                    token_stats=self.token_stats,
+                                    measure_pruned=self.measure_pruned, dtype=self.dtype,
+                                    name=f"block_{i}")(x, size, source)
         x = nn.LayerNorm(name="ln_final", dtype=self.dtype)(x)
         if self.pool == "cls":
             pooled = x[:, 0]
@@ -196,8 +228,7 @@ class ViT(nn.Module):
 def build_model(config, num_classes: int) -> ViT:
     """The ViT described by ``config.model`` and ``config.mitigation.token_merging``."""
     m = config.model
-    num_tokens = (m.image_size // m.patch_size) ** 2 + 1
-    merge_r = tome_schedule(config, num_tokens)
+    merge_r = tome_schedule(config, num_input_tokens(config))
     return ViT(
         num_classes=num_classes, patch_size=m.patch_size, hidden_dim=m.hidden_dim,
         depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, pool=m.pool,
@@ -206,8 +237,36 @@ def build_model(config, num_classes: int) -> ViT:
         # methods, and this way it also has the dense gradient (RigL's regrowth score).
         mask_mode="straight_through",
         collect_stats=bool(config.burden.enabled),
+        token_stats=any(r > 0 for r in merge_r),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
     )
+
+
+def num_input_tokens(config) -> int:
+    """Tokens entering block 0 under ``config.model``: the patches plus the class token."""
+    m = config.model
+    return (m.image_size // m.patch_size) ** 2 + 1
+
+
+def token_metrics(stats) -> dict[str, jax.Array]:
+    """Per-block token metrics from the model's ``'stats'`` collection, ready to log.
+
+    ``tokens/block_i`` is the number of tokens block i hands on (after its merge: what its MLP
+    and the next block's attention see); ``tokens/mean_size/block_i`` and
+    ``tokens/max_size/block_i`` the mean and max number of input tokens (patches, or the
+    class token) per token, over batch and tokens. Empty when no block sowed them (a model
+    without ``token_stats``, i.e. one that does not merge).
+    """
+    out: dict[str, jax.Array] = {}
+    names = (("num_tokens", "tokens/{}"), ("mean_token_size", "tokens/mean_size/{}"),
+             ("max_token_size", "tokens/max_size/{}"))
+    blocks = sorted((k for k in stats if k.startswith("block_")), key=lambda k: int(k[6:]))
+    for block in blocks:
+        for key, fmt in names:
+            if key in stats[block]:
+                value = stats[block][key]
+                out[fmt.format(block)] = value[-1] if isinstance(value, tuple) else value
+    return out
 
 
 def tome_schedule(config, num_tokens: int) -> list[int]:

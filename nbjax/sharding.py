@@ -3,6 +3,14 @@
 The batch is split over ``data``; the train state is replicated (``sharding.mode='replicated'``)
 or, for ``'fsdp'``, each large leaf is split along its largest axis that the device count
 divides. The compiler inserts the all-reduces, so the train step is written as for one device.
+
+Host data enters the mesh two ways, both valid with one process or many:
+
+* :func:`put_replicated`: the same host array on every process (the dataset, which every
+  device holds whole) becomes one replicated global array.
+* :func:`put_batch`: a global batch-shaped host array of which each process transfers only
+  the rows its own devices hold, assembled into one global array (the explicit-transfer
+  equivalent of ``jax.make_array_from_process_local_data``).
 """
 
 from __future__ import annotations
@@ -75,3 +83,36 @@ def state_shardings(state: Any, mesh: Mesh, mode: str = "replicated",
         return NamedSharding(mesh, _leaf_spec(shape, n, fsdp_min_size))
 
     return jax.tree.map(spec, state)
+
+
+def _put_shards(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Assembles a global array from explicit copies of ``host``'s pieces to local devices.
+
+    Only the pieces that this process's devices hold are read and copied. The copies are
+    explicit ``jax.device_put`` calls, so they pass ``jax.transfer_guard("disallow")``; the
+    equivalent ``jax.make_array_from_process_local_data`` / ``make_array_from_callback`` count
+    as implicit transfers with several processes.
+    """
+    index_map = sharding.addressable_devices_indices_map(host.shape)
+    devices = list(index_map)
+    shards = jax.device_put([np.ascontiguousarray(host[index_map[d]]) for d in devices], devices)
+    return jax.make_array_from_single_device_arrays(host.shape, sharding, shards)
+
+
+def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """``x`` (identical on every process) as one array replicated on every device of ``mesh``.
+
+    Each process copies ``x`` to its own devices only, so the same call works with one process
+    or many, and passes ``jax.transfer_guard("disallow")``.
+    """
+    return _put_shards(np.asarray(x), replicated(mesh))
+
+
+def put_batch(global_block: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The global array ``global_block`` placed with ``sharding``, from this process's rows.
+
+    Every process passes the same ``global_block`` (cheap when it holds example indices, as in
+    the train loop); each one transfers only the rows its own devices hold, so each process
+    feeds only its part of the global batch.
+    """
+    return _put_shards(np.asarray(global_block), sharding)

@@ -21,6 +21,7 @@ import optax
 
 from nbjax import data
 from nbjax import masks as masks_lib
+from nbjax import model as model_lib
 from nbjax.pruning import PruneContext, Pruner
 
 PyTree = Any
@@ -72,14 +73,19 @@ def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int) -> opt
 def init_state(model: nn.Module, tx: optax.GradientTransformation, pruner: Pruner,
                image_shape: tuple[int, ...], seed: int,
                burden_init: Callable[[PyTree, PyTree], PyTree] | None = None) -> TrainState:
-    """A fresh state: params, masks from the pruner, zeroed pruned weights, optimizer state."""
+    """A fresh state: params, masks from the pruner, zeroed pruned weights, optimizer state.
+
+    ``burden_init(dense_params, masks)`` sees the params *before* the pruned weights are
+    zeroed (the burden reference of a method that starts sparse is the dense layer).
+    """
     rng = jax.random.PRNGKey(seed)
     init_rng, mask_rng, step_rng = jax.random.split(rng, 3)
     params = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
     masks, pruning_state = pruner.init(params, mask_rng)
+    dense_params = params
     if not pruner.persistent:
         params = masks_lib.apply_masks(params, masks)
-    burden = burden_init(params, masks) if burden_init is not None else {}
+    burden = burden_init(dense_params, masks) if burden_init is not None else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), pruning=pruning_state, burden=burden,
                       rng=step_rng)
@@ -104,8 +110,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     lr_fn: optax.Schedule | None = None) -> Callable:
     """One train step ``(state, images_u8, labels, idx[B]) -> (state, metrics)``, not jitted.
 
-    ``burden_fn(state_before, state_after, grads, stats)`` returns the new burden state and
-    its metrics; it runs after the pruning update so it sees this step's masks.
+    ``burden_fn(state_before, state_after, grads, stats, *, images, pre_prune_params,
+    prune_metrics)`` returns the new burden state and its metrics; it runs after the pruning
+    update so it sees this step's masks before and after. ``images`` is the step's batch as
+    the model saw it, ``pre_prune_params`` the params after the optimizer update and before
+    the mask update (the weights a non-persistent update is about to zero still hold their
+    values), ``prune_metrics`` the pruning method's metrics of the step
+    (:class:`nbjax.burden.BurdenTracker`).
     """
     augment_kind, pad, pad_mode = (config.data.augment, config.data.augment_pad,
                                    config.data.augment_pad_mode)
@@ -144,8 +155,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         if lr_fn is not None:
             metrics["train/learning_rate"] = lr_fn(state.step)
         metrics.update(ctx.metrics)
+        # Token merging: tokens per block and token sizes (sown when the model merges).
+        metrics.update(model_lib.token_metrics(stats))
         if burden_fn is not None:
-            burden_state, burden_metrics = burden_fn(state, new_state, grads, stats)
+            burden_state, burden_metrics = burden_fn(
+                state, new_state, grads, stats, images=images, pre_prune_params=params,
+                prune_metrics=ctx.metrics)
             new_state = new_state.replace(burden=burden_state)
             metrics.update(burden_metrics)
         return new_state, metrics

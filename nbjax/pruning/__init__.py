@@ -1,5 +1,18 @@
-"""Pruning-during-training methods behind one registry: ``make_pruner(config, total_steps)``."""
+"""Pruning-during-training methods behind one registry: ``make_pruner(config, total_steps)``.
 
-from nbjax.pruning.base import PruneContext, Pruner, make_pruner, register
+Methods (one module each, registered on import): ``none`` and ``static``
+(:mod:`nbjax.pruning.static`), ``gmp`` and ``pdwp`` (:mod:`nbjax.pruning.gmp`), ``set`` and
+``rigl`` (:mod:`nbjax.pruning.dst`). See ``docs/pruning.md``.
+"""
 
-__all__ = ["PruneContext", "Pruner", "make_pruner", "register"]
+from nbjax.pruning import dst, gmp, static  # noqa: F401  (registers the methods)
+from nbjax.pruning.base import (
+    PruneContext,
+    Pruner,
+    make_pruner,
+    register,
+    registered,
+    schedule_steps,
+)
+
+__all__ = ["PruneContext", "Pruner", "make_pruner", "register", "registered", "schedule_steps"]

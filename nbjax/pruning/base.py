@@ -10,16 +10,20 @@ A method owns two pure functions that run inside the compiled train step:
 
 ``persistent`` methods keep dense weights: the forward pass uses W ⊙ M with a straight-through
 gradient and pruned weights are not zeroed. The others zero pruned weights after every update.
+
+Steps from fractions (one rule, :func:`frac_to_step`): a fraction f of a run of T steps is
+step ``floor(f * T + 0.5)`` (round half up, like :func:`nbjax.masks.num_to_keep`), clipped to
+the last step ``T - 1`` where a mask update must still happen (the gradual schedule's end).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from nbjax import masks as masks_lib
@@ -27,9 +31,11 @@ from nbjax import masks as masks_lib
 PyTree = Any
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PruneContext:
-    """What a method may read and change at the end of a train step."""
+    """What a method may read and change at the end of a train step (a pytree, so an
+    ``update`` can be jitted on its own)."""
 
     step: jax.Array  # the step just taken (0-based), int32 scalar
     params: PyTree
@@ -64,12 +70,23 @@ def register(name: str) -> Callable:
     return wrap
 
 
+def registered() -> list[str]:
+    """The names of every registered method, sorted."""
+    return sorted(_REGISTRY)
+
+
 def make_pruner(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
-    """The method ``config.pruning.method`` for a run of ``total_steps`` steps."""
+    """The method ``config.pruning.method`` for a run of ``total_steps`` steps.
+
+    ``config.mitigation.persistent`` selects the persistent variant of the method (see
+    ``docs/pruning.md``); a method without one raises ``ValueError``.
+    """
     name = config.pruning.method
     if name not in _REGISTRY:
         raise ValueError(f"config.pruning.method={name!r}; allowed: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](config, total_steps)
+    if int(total_steps) < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return _REGISTRY[name](config, int(total_steps))
 
 
 def prunable(params: PyTree, config: ml_collections.ConfigDict) -> list[str]:
@@ -77,17 +94,45 @@ def prunable(params: PyTree, config: ml_collections.ConfigDict) -> list[str]:
     return masks_lib.prunable_paths(params, config.pruning.include, config.pruning.exclude)
 
 
-@register("none")
-def dense(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
-    """The dense reference: all-ones masks that never change."""
-    del total_steps
+# --------------------------------------------------------------------------------------------
+# Steps from fractions of training
+# --------------------------------------------------------------------------------------------
 
-    def init(params: PyTree, rng: jax.Array) -> tuple[PyTree, PyTree]:
-        del rng
-        return masks_lib.ones_masks(params, prunable(params, config)), {
-            "last_update": jnp.zeros((), jnp.int32)}
 
-    def update(ctx: PruneContext) -> PruneContext:
-        return ctx
+def frac_to_step(frac: float, total_steps: int) -> int:
+    """Step ``floor(frac * total_steps + 0.5)``, clipped to ``[0, total_steps - 1]``."""
+    return min(max(math.floor(frac * total_steps + 0.5), 0), max(total_steps - 1, 0))
 
-    return Pruner("none", persistent=False, init=init, update=update)
+
+def schedule_steps(config: ml_collections.ConfigDict, total_steps: int) -> tuple[int, int]:
+    """``(t0, t1)``: first and last mask update of the gradual schedule (gmp, pdwp).
+
+    ``t0 = frac_to_step(pruning.start_frac)``, ``t1 = frac_to_step(pruning.end_frac)``; so
+    ``end_frac = 1`` makes the last step of the run the final update. Raises ``ValueError``
+    when the run is too short for ``t0 < t1``.
+    """
+    p = config.pruning
+    t0, t1 = frac_to_step(p.start_frac, total_steps), frac_to_step(p.end_frac, total_steps)
+    if not t0 < t1:
+        raise ValueError(
+            f"pruning.start_frac={p.start_frac} and pruning.end_frac={p.end_frac} of "
+            f"{total_steps} steps give start step {t0} >= end step {t1}: train longer or "
+            "widen the schedule")
+    return t0, t1
+
+
+def persistent_end_step(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """Last step on which a persistent gradual method (pdwp) may still recompute its mask.
+
+    ``frac_to_step(pruning.persistent_end_frac)``, at least ``t1``.
+    """
+    return max(frac_to_step(config.pruning.persistent_end_frac, total_steps),
+               schedule_steps(config, total_steps)[1])
+
+
+def drop_end_step(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """Step at which the DST drop fraction reaches 0: ``floor(drop_end_frac * T + 0.5)``, >= 1.
+
+    Not clipped to ``T - 1``: updates happen on steps strictly before it.
+    """
+    return max(math.floor(config.pruning.drop_end_frac * total_steps + 0.5), 1)

@@ -1,0 +1,500 @@
+"""Neural burden metrics, computed inside the jit-compiled train step (SPEC.md, "Burden metrics").
+
+In a brain that loses neurons the survivors carry the load of the lost ones. In a network
+pruned while it trains, the surviving connections and units must carry the signal that the
+pruned ones carried. This module measures that, per block, at (almost) every step, from
+reductions that the model does itself: every :class:`~nbjax.model.MaskedLinear` sows
+``in_abs_mean`` = e_j = E|x_j|, the mean absolute value of each of its input features over
+batch and tokens. Nothing of shape [batch, tokens, features] leaves the step and nothing
+waits for the host.
+
+Notation, for one prunable kernel W (input features j, outputs i; the kernel's leading axes
+are its inputs, e.g. [D, H, Dh] for a query projection or [H, Dh, D] for the attention
+output), mask M (True = kept), n = number of entries of W, k = number kept:
+
+=====================  ======================================================================
+metric                 formula (see the function of the same name)
+=====================  ======================================================================
+``load``               mean over kept (j,i) of e_j|W_ji|  /  mean over all (j,i) of e⁰_j|W⁰_ji|
+``overload_frac``      share of units with a_u / mean(a) >= kappa
+``dormant_frac``       share of units with a_u / mean(a) <= tau (ReDo's dormant score)
+``pruned_signal``      ||x (W ⊙ (1 - M))||² / ||x W||²
+``kept_weight_rms``    rms of kept W  /  the same at the reference step
+``kept_grad_rms``      rms of the dense gradient at kept positions
+``index``              mean over blocks of ``load``
+=====================  ======================================================================
+
+**Which network a step's metrics describe.** The metrics logged for step t (the step that
+processes batch t, ``state.step == t`` before it) describe the network that processed batch
+t: the activations of its forward pass, the params and masks it ran with (before the
+optimizer update and the mask update of step t), and the gradient it produced. The one
+exception is ``pruned_signal``, measured at the *end* of step t: with the params after the
+optimizer update and the masks after the mask update of step t (see :func:`pruned_signal`).
+
+**Reference step** (:func:`reference_step`). ``load`` and ``kept_weight_rms`` are relative to
+the network at a reference step t_ref: the first mask update of the gradual schedule
+(``pruning.start_frac`` of training) for the schedule-based methods ``gmp`` and ``pdwp``, and
+step 0 for every other method (``set``, ``rigl``, ``static`` start sparse; ``none`` never
+prunes). The reference is captured twice at most: at step 0 (so every step has one), and
+again at t_ref when t_ref > 0. So before pruning starts a gmp/pdwp run's load is measured
+against step 0, exactly 1 at step 0, and exactly 1 again at t_ref (the schedule's first
+update happens at the *end* of step t_ref, so the network of step t_ref is still dense); the
+first step that runs a pruned network, t_ref + 1 or the next update, shows the jump. The
+reference denominator is that of the *dense* layer: for the non-persistent methods that start
+sparse, whose pruned weights are zeroed at initialisation, it uses the dense initial weights
+(their per-input-feature sums |W| are kept in the burden state at init), so a random mask at
+step 0 reads as load ≈ 1 and only what happens afterwards (compensation) moves it.
+
+**Cost.** ``load``, ``overload_frac``, ``dormant_frac``, ``kept_weight_rms`` and
+``kept_grad_rms`` are a few reductions over the kernels, the gradients and the sown
+per-feature means: O(parameters) a step, against O(batch × tokens × parameters) for the step
+itself. ``pruned_signal`` needs the layers' inputs x and a second matmul per layer, so it
+runs a second, forward-only pass of the model (:class:`~nbjax.model.MaskedLinear` with
+``measure_pruned``) under ``lax.cond`` only on the steps that measure it; the step compiles
+once. ``burden.enabled=False`` removes all of it, the statistics of the model included.
+
+**Held values.** On steps that do not measure ``pruned_signal`` the logged value is the last
+measurement, held in the burden state (``burden/pruned_signal_step`` says which step that
+was; -1 = never, the value is then 0). Holding rather than logging NaN means the loop, which
+logs the last step of each logging window, always shows the latest measurement.
+
+Turnover, re-activated count and exploration at mask updates are the pruning methods' own
+metrics (``nbjax.pruning``); they are logged once, under the pruning prefix, not duplicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax import lax
+
+from nbjax import masks as masks_lib
+
+PyTree = Any
+PREFIX = "burden"
+SCHEDULED_METHODS = ("gmp", "pdwp")  # the methods that start dense and prune on a schedule
+STAT = "in_abs_mean"  # what every MaskedLinear sows: E|x_j| over batch and tokens
+PRUNED_SQ, DENSE_SQ = "pruned_sq", "dense_sq"  # what the probe pass sows (measure_pruned)
+MASK_UPDATED = "pruning/mask_updated"  # the pruning methods' flag: 1.0 on mask-update steps
+_TINY = 1e-30
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics, one function each, on plain arrays (what the tracker and the tests call)
+# --------------------------------------------------------------------------------------------
+
+
+def input_abs_mean(x: jax.Array, in_axes: int) -> jax.Array:
+    """e_j = E|x_j|: mean absolute value of each input feature over every leading axis.
+
+    This is what :class:`~nbjax.model.MaskedLinear` sows as ``in_abs_mean`` (``in_axes`` is
+    the number of trailing input axes the kernel contracts).
+    """
+    lead = tuple(range(x.ndim - in_axes))
+    return jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=lead)
+
+
+def _out_axes(e: jax.Array, kernel: jax.Array) -> tuple[int, ...]:
+    return tuple(range(e.ndim, kernel.ndim))
+
+
+def _kept_count(kernel: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jnp.asarray(kernel.size, jnp.float32)
+    return jnp.sum(mask, dtype=jnp.float32)
+
+
+def _kept_abs_sums(e: jax.Array, kernel: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Σ_j e_j Σ_i M_ji |W_ji|: the signal-weighted magnitude the kept connections carry."""
+    a = jnp.abs(kernel.astype(jnp.float32))
+    if mask is not None:
+        a = jnp.where(mask, a, 0.0)
+    return jnp.sum(e * jnp.sum(a, axis=_out_axes(e, kernel)))
+
+
+def load_numerator(e: jax.Array, kernel: jax.Array, mask: jax.Array | None,
+                   kept_sum: jax.Array | None = None) -> jax.Array:
+    """mean over kept (j,i) of e_j |W_ji|: the mean signal one surviving connection carries.
+
+    0 for a layer with nothing kept. ``mask=None`` means all kept. ``kept_sum``: the sum
+    Σ_j e_j Σ_i M_ji|W_ji| if already computed.
+    """
+    total = _kept_abs_sums(e, kernel, mask) if kept_sum is None else kept_sum
+    return total / jnp.maximum(_kept_count(kernel, mask), 1.0)
+
+
+def reference_load(e: jax.Array, kernel: jax.Array, mask: jax.Array | None = None,
+                   pruned_abs_colsum: jax.Array | None = None,
+                   kept_sum: jax.Array | None = None) -> jax.Array:
+    """mean over all (j,i) of e⁰_j |W⁰_ji|: the denominator of ``load`` (the dense layer).
+
+    Computed as (Σ_j e_j Σ_i M|W| + Σ_j e_j r_j) / n, with r_j = Σ_i (1 - M_ji)|W_ji| for the
+    entries of ``kernel`` that ``mask`` prunes, plus ``pruned_abs_colsum`` (per input
+    feature) for dense weights no longer in ``kernel`` (the zeroed initial weights of a
+    method that starts sparse). For an all-kept mask the first term is the very number the
+    numerator divides by k = n, so ``load`` is exactly 1 at the reference step of a dense
+    layer, bit for bit (the tracker passes the numerator's own ``kept_sum``, so the two
+    share the very same number).
+    """
+    total = _kept_abs_sums(e, kernel, mask) if kept_sum is None else kept_sum
+    rest = jnp.zeros(e.shape, jnp.float32)
+    if mask is not None:
+        pruned = jnp.where(mask, 0.0, jnp.abs(kernel.astype(jnp.float32)))
+        rest = rest + jnp.sum(pruned, axis=_out_axes(e, kernel))
+    if pruned_abs_colsum is not None:
+        rest = rest + pruned_abs_colsum
+    return (total + jnp.sum(e * rest)) / kernel.size
+
+
+def load(e: jax.Array, kernel: jax.Array, mask: jax.Array | None, reference: jax.Array,
+         kept_sum: jax.Array | None = None) -> jax.Array:
+    """``load`` = mean over kept (j,i) of e_j|W_ji|  /  mean over all (j,i) of e⁰_j|W⁰_ji|.
+
+    The mean signal carried per surviving connection, relative to the dense layer at the
+    reference step (``reference`` = :func:`reference_load` there). Exactly 1 at the
+    reference step of a dense layer. It rises when fewer connections carry the signal:
+    through *selection* (magnitude pruning keeps the largest weights, so right after a
+    magnitude prune load > 1) and through *compensation* (survivors, or the activations
+    feeding them, grow while training). Both are the burden. A dense layer whose weights
+    and activations keep their scale stays near 1, so dividing by density is not what
+    moves it: it comes from the weights and activations actually present.
+    """
+    return load_numerator(e, kernel, mask, kept_sum) / reference
+
+
+def _relative_activity(a: jax.Array) -> jax.Array:
+    a = jnp.ravel(a).astype(jnp.float32)
+    return a / jnp.maximum(jnp.mean(a), _TINY)
+
+
+def overload_frac(a: jax.Array, kappa: float) -> jax.Array:
+    """Share of units u with a_u / mean(a) >= kappa (config ``burden.kappa``, default 2).
+
+    a_u = E|h_u| is the mean absolute activation of unit u over batch and tokens (for the
+    MLP hidden units, fc2's sown ``in_abs_mean``; for the attention output channels, the
+    attention ``out`` projection's). A unit that carries kappa times the average is
+    overloaded: pruning concentrates the signal on fewer survivors.
+    """
+    return jnp.mean(_relative_activity(a) >= kappa, dtype=jnp.float32)
+
+
+def dormant_frac(a: jax.Array, tau: float) -> jax.Array:
+    """Share of units u with a_u / mean(a) <= tau (``burden.tau``, default 0.1; ReDo's score).
+
+    A dormant unit carries (almost) nothing (Sokar et al., 2023, "The Dormant Neuron
+    Phenomenon"): the layer's work is done by fewer units, whose share of the load grows.
+    """
+    return jnp.mean(_relative_activity(a) <= tau, dtype=jnp.float32)
+
+
+def pruned_signal_from_sums(pruned_sq: jax.Array, dense_sq: jax.Array) -> jax.Array:
+    """``pruned_sq / dense_sq``, 0 where the dense output is 0 (see :func:`pruned_signal`)."""
+    return jnp.where(dense_sq > 0, pruned_sq / jnp.maximum(dense_sq, _TINY), 0.0)
+
+
+def pruned_signal(x: jax.Array, kernel: jax.Array, mask: jax.Array | None,
+                  in_axes: int = 1) -> jax.Array:
+    """``pruned_signal`` = ||x (W ⊙ (1 - M))||² / ||x W||², over the whole batch and tokens.
+
+    The reconstruction cost of the mask: the share of the layer's dense output energy (bias
+    excluded) that the mask withholds, given the input x the pruned network delivers to the
+    layer. 0 for an all-kept mask, 1 for an all-pruned one. W must be the *dense* kernel;
+    in a train step it is measured by a forward-only probe pass in which every
+    MaskedLinear sows the two squared norms (``measure_pruned``), this function is the same
+    formula on explicit arrays. When measured, and with which W and M:
+
+    * Persistent methods (pdwp, ``mitigation.persistent``) keep the dense W, so the value is
+      measured every ``burden.every`` steps and at each mask update, with the params after
+      the optimizer update and the masks after the mask update: the signal the current mask
+      withholds from the current dense weights.
+    * Non-persistent methods zero their pruned weights, so between updates W ⊙ (1 - M) = 0
+      and the value would be 0 by construction. It is measured at each mask update only,
+      with the params *before* the update (the weights about to be pruned still hold their
+      values) and the new mask: the share of the signal that the update removed. It is held
+      until the next update; 0 before the first (and always for ``none``).
+    """
+    kept = jnp.tensordot(x, jnp.where(mask, kernel, 0.0) if mask is not None else kernel,
+                         axes=in_axes)
+    removed = (jnp.tensordot(x, jnp.where(mask, 0.0, kernel), axes=in_axes)
+               if mask is not None else jnp.zeros_like(kept))
+    return pruned_signal_from_sums(jnp.sum(removed.astype(jnp.float32) ** 2),
+                                   jnp.sum((kept + removed).astype(jnp.float32) ** 2))
+
+
+def kept_rms(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """sqrt(mean over kept positions of x²); 0 when nothing is kept."""
+    sq = jnp.square(x.astype(jnp.float32))
+    if mask is not None:
+        sq = jnp.where(mask, sq, 0.0)
+    return jnp.sqrt(jnp.sum(sq) / jnp.maximum(_kept_count(x, mask), 1.0))
+
+
+def kept_weight_rms(kernel: jax.Array, mask: jax.Array | None,
+                    reference: jax.Array) -> jax.Array:
+    """``kept_weight_rms`` = rms of the kept weights / rms of the kept weights at the reference.
+
+    Do the survivors grow to compensate? 1 at the reference step; above 1 when the kept
+    weights are larger than the reference's kept weights, by selection (magnitude pruning
+    keeps the large ones) or by growth under training. ``reference`` is :func:`kept_rms` of
+    the kernel and mask at the reference step.
+    """
+    return kept_rms(kernel, mask) / jnp.maximum(reference, _TINY)
+
+
+def kept_grad_rms(grad: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``kept_grad_rms`` = rms of the dense gradient of the step at the kept positions.
+
+    The gradient pressure on the survivors: how hard the loss pushes the connections that
+    must carry the signal. Absolute (not relative): compare runs at the same step.
+    """
+    return kept_rms(grad, mask)
+
+
+def burden_index(block_loads: Sequence[jax.Array]) -> jax.Array:
+    """``index`` = mean over blocks of ``load``: one number per step, the network's burden."""
+    return jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in block_loads]))
+
+
+# --------------------------------------------------------------------------------------------
+# The reference step
+# --------------------------------------------------------------------------------------------
+
+
+def reference_step(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """The step whose network ``load`` and ``kept_weight_rms`` are relative to.
+
+    For the schedule-based methods (gmp, pdwp) the step the gradual schedule starts,
+    ``pruning.start_frac × total_steps`` rounded as the pruner rounds it
+    (:func:`nbjax.pruning.base.schedule_steps` when it exists); 0 for every other method.
+    """
+    if config.pruning.method not in SCHEDULED_METHODS:
+        return 0
+    try:  # the pruner's own computation, so the two can never disagree
+        from nbjax.pruning.base import schedule_steps  # type: ignore[attr-defined]
+    except ImportError:
+        return int(round(config.pruning.start_frac * total_steps))
+    return int(schedule_steps(config, total_steps)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The tracker: burden state and the per-step function the train step calls
+# --------------------------------------------------------------------------------------------
+
+
+def _group(path: str) -> str:
+    """The block a kernel belongs to: ``'block_2/attn/query/kernel'`` -> ``'block_2'``."""
+    return path.split("/")[0]
+
+
+def _group_order(name: str) -> tuple[int, int, str]:
+    if name.startswith("block_") and name[6:].isdigit():
+        return (1, int(name[6:]), name)
+    return (0, 0, name)
+
+
+def _stat(flat_stats: Mapping[str, Any], kernel_path: str, name: str) -> jax.Array:
+    value = flat_stats[kernel_path[: -len("kernel")] + name]
+    return value[-1] if isinstance(value, tuple) else value
+
+
+def _mean(values: Sequence[jax.Array]) -> jax.Array:
+    return jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in values]))
+
+
+@dataclasses.dataclass(frozen=True)
+class BurdenTracker:
+    """The burden state's init and the function the train step calls after each update.
+
+    ``kernels``: the paths of every MaskedLinear kernel (those whose layer sows ``STAT``);
+    a kernel with no mask counts as all kept. ``probe``: the model with ``measure_pruned``
+    (and no ``collect_stats``), for the ``pruned_signal`` pass.
+    """
+
+    kernels: tuple[str, ...]
+    in_ndims: tuple[int, ...]  # input axes of each kernel (the rank of its sown e_j)
+    probe: nn.Module
+    persistent: bool
+    reference_step: int
+    every: int
+    kappa: float
+    tau: float
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Kernel paths per block (``patch_embed`` is a group of its own, not a block)."""
+        out: dict[str, list[str]] = {}
+        for p in self.kernels:
+            out.setdefault(_group(p), []).append(p)
+        return {g: out[g] for g in sorted(out, key=_group_order)}
+
+    @property
+    def blocks(self) -> list[str]:
+        """The transformer blocks, in order: the groups ``load`` is averaged over for ``index``."""
+        return [g for g in self.groups if g.startswith("block_")]
+
+    def init(self, dense_params: PyTree, masks: PyTree) -> PyTree:
+        """The burden state at step 0, from the *dense* initial params (before masking).
+
+        Holds, per kernel: the reference ``load`` denominator and kept-weight rms (captured
+        by the first step), the per-input-feature Σ_i |W_init| of the initial weights a
+        non-persistent method zeroes at init (for the dense reference of a sparse start),
+        and the held ``pruned_signal``; plus the steps of the reference and the last
+        ``pruned_signal`` measurement.
+        """
+        params = masks_lib.flatten(dense_params)
+        flat_masks = masks_lib.flatten(masks)
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        init_pruned = {}
+        for p, in_ndim in zip(self.kernels, self.in_ndims, strict=True):
+            w, m = params[p], flat_masks.get(p)
+            colsum = jnp.zeros(w.shape[:in_ndim], jnp.float32)
+            if m is not None and not self.persistent:
+                pruned = jnp.where(m, 0.0, jnp.abs(w.astype(jnp.float32)))
+                colsum = jnp.sum(pruned, axis=tuple(range(in_ndim, w.ndim)))
+            init_pruned[p] = colsum
+        per_kernel = lambda value: masks_lib.nest({p: value for p in self.kernels})
+        return {
+            "ref_load": per_kernel(nan),
+            "ref_rms": per_kernel(nan),
+            "init_pruned_abs_colsum": masks_lib.nest(init_pruned),
+            "pruned_signal": per_kernel(jnp.zeros((), jnp.float32)),
+            "reference_step": jnp.full((), -1, jnp.int32),
+            "pruned_signal_step": jnp.full((), -1, jnp.int32),
+        }
+
+    def __call__(self, state_before: Any, state_after: Any, grads: PyTree, stats: PyTree, *,
+                 images: jax.Array, pre_prune_params: PyTree,
+                 prune_metrics: Mapping[str, jax.Array] | None = None,
+                 ) -> tuple[PyTree, dict[str, jax.Array]]:
+        """The new burden state and this step's metrics (``burden/...``), inside jit.
+
+        ``state_before``/``state_after``: the train state before and after the step;
+        ``grads``: the dense gradient; ``stats``: the model's ``'stats'`` collection;
+        ``images``: the step's (augmented, normalised) batch; ``pre_prune_params``: the
+        params after the optimizer update, before the mask update touched them.
+        """
+        b = state_before.burden
+        step = state_before.step
+        params = masks_lib.flatten(state_before.params)
+        masks = masks_lib.flatten(state_before.masks)
+        flat_grads = masks_lib.flatten(grads)
+        flat_stats = masks_lib.flatten(stats)
+        ref_load = masks_lib.flatten(b["ref_load"])
+        ref_rms = masks_lib.flatten(b["ref_rms"])
+        init_pruned = masks_lib.flatten(b["init_pruned_abs_colsum"])
+
+        # Reference capture: at step 0 and at the reference step (scalars per kernel).
+        capture = (step == 0) | (step == self.reference_step)
+        e = {p: _stat(flat_stats, p, STAT) for p in self.kernels}
+        # Computed once and shared by the metric and its reference, so that both are exactly
+        # 1 at the reference step of a dense layer.
+        kept_sum = {p: _kept_abs_sums(e[p], params[p], masks.get(p)) for p in self.kernels}
+        w_rms = {p: kept_rms(params[p], masks.get(p)) for p in self.kernels}
+
+        def captured(_):
+            out_load, out_rms = {}, {}
+            for p in self.kernels:
+                extra = jnp.where(step == 0, init_pruned[p], jnp.zeros_like(init_pruned[p]))
+                out_load[p] = reference_load(e[p], params[p], masks.get(p), extra, kept_sum[p])
+                out_rms[p] = w_rms[p]
+            return out_load, out_rms
+
+        ref_load, ref_rms = lax.cond(capture, captured, lambda _: (ref_load, ref_rms), None)
+        ref_at = jnp.where(capture, step, b["reference_step"])
+
+        # Every-step metrics, per kernel, then per block.
+        per: dict[str, dict[str, jax.Array]] = {"load": {}, "kept_weight_rms": {},
+                                                 "kept_grad_rms": {}}
+        for p in self.kernels:
+            m = masks.get(p)
+            per["load"][p] = load(e[p], params[p], m, ref_load[p], kept_sum[p])
+            per["kept_weight_rms"][p] = w_rms[p] / jnp.maximum(ref_rms[p], _TINY)
+            per["kept_grad_rms"][p] = kept_grad_rms(flat_grads[p], m)
+
+        # pruned_signal: the probe pass, only on the steps that measure it. A mask update is
+        # a step where the method says so (``pruning/mask_updated``, which every method of
+        # nbjax.pruning logs) or where any mask flipped (a method without the flag).
+        updated = _any_flipped(masks, masks_lib.flatten(state_after.masks))
+        flag = (prune_metrics or {}).get(MASK_UPDATED)
+        if flag is not None:
+            updated = updated | (flag > 0)
+        periodic = (step % self.every == 0) if self.persistent else jnp.zeros((), bool)
+        measure = updated | periodic
+        held = masks_lib.flatten(b["pruned_signal"])
+
+        def probe(_):
+            _, aux = self.probe.apply({"params": pre_prune_params, "masks": state_after.masks},
+                                      images, mutable=["stats"])
+            sown = masks_lib.flatten(aux["stats"])
+            return {p: pruned_signal_from_sums(_stat(sown, p, PRUNED_SQ),
+                                               _stat(sown, p, DENSE_SQ))
+                    for p in self.kernels}
+
+        signal = lax.cond(measure, probe, lambda _: held, None)
+        signal_at = jnp.where(measure, step, b["pruned_signal_step"])
+        per["pruned_signal"] = signal
+
+        metrics: dict[str, jax.Array] = {}
+        block_loads = []
+        for group, paths in self.groups.items():
+            for name, values in per.items():
+                metrics[f"{PREFIX}/{name}/{group}"] = _mean([values[p] for p in paths])
+            if group.startswith("block_"):
+                block_loads.append(metrics[f"{PREFIX}/load/{group}"])
+            for family, module in (("", "fc2"), ("attn_", "attn/out")):
+                path = f"{group}/{module}/kernel"
+                if path in e:
+                    metrics[f"{PREFIX}/{family}overload_frac/{group}"] = overload_frac(
+                        e[path], self.kappa)
+                    metrics[f"{PREFIX}/{family}dormant_frac/{group}"] = dormant_frac(
+                        e[path], self.tau)
+        if block_loads:
+            metrics[f"{PREFIX}/index"] = burden_index(block_loads)
+        metrics[f"{PREFIX}/reference_step"] = ref_at
+        metrics[f"{PREFIX}/pruned_signal_step"] = signal_at
+
+        new_burden = dict(b)
+        new_burden.update(ref_load=masks_lib.nest(ref_load), ref_rms=masks_lib.nest(ref_rms),
+                          pruned_signal=masks_lib.nest(signal), reference_step=ref_at,
+                          pruned_signal_step=signal_at)
+        return new_burden, metrics
+
+
+def _any_flipped(before: Mapping[str, Any], after: Mapping[str, Any]) -> jax.Array:
+    """Whether any entry of any mask differs between two flat mask dicts."""
+    changed = jnp.zeros((), bool)
+    for p, m in before.items():
+        if m is not None and after.get(p) is not None:
+            changed = changed | jnp.any(m != after[p])
+    return changed
+
+
+def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent: bool,
+                 total_steps: int, image_shape: tuple[int, ...]) -> BurdenTracker:
+    """The tracker of ``config.burden`` for ``model`` (built with ``collect_stats``)."""
+    if not getattr(model, "collect_stats", False):
+        raise ValueError("the burden tracker needs a model built with collect_stats=True "
+                         "(config.burden.enabled)")
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, *image_shape), jnp.float32))
+    sown = {p[: -len(STAT)] + "kernel": v for p, v in
+            masks_lib.flatten(shapes.get("stats", {})).items() if p.endswith("/" + STAT)}
+    kernels = tuple(sorted(sown))
+    if not kernels:
+        raise ValueError("the model sows no per-feature statistics: nothing to track")
+    b = config.burden
+    return BurdenTracker(
+        kernels=kernels,
+        in_ndims=tuple(len((v[-1] if isinstance(v, tuple) else v).shape)
+                       for v in (sown[p] for p in kernels)),
+        probe=model.clone(collect_stats=False, measure_pruned=True),
+        persistent=bool(persistent),
+        reference_step=reference_step(config, total_steps),
+        every=int(b.every), kappa=float(b.kappa), tau=float(b.tau),
+    )

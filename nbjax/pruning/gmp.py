@@ -1,0 +1,119 @@
+"""Gradual magnitude pruning (``gmp``) and its persistent variant (``pdwp``).
+
+``gmp`` (Zhu & Gupta, 2017, "To prune, or not to prune"): start dense; on the update steps
+t0, t0 + ΔT, ..., and t1 (:func:`nbjax.schedules.is_update_step`) keep the largest-magnitude
+weights at the polynomial target s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^e. Pruned
+weights are zeroed and stay zero: the new mask is a top-k of |W| *among the kept weights*
+only, so it is always a subset of the old one.
+
+``pdwp`` (persistent dynamic weight pruning, after DPF, Lin et al. 2020), also
+``gmp`` with ``mitigation.persistent=True``: the dense weights persist in the state and keep
+receiving the straight-through gradient of the masked forward pass; the mask is recomputed
+from |W| over *all* weights under the same schedule, so a pruned weight whose magnitude
+overtakes a kept one comes back (re-activated). After t1 the mask keeps being recomputed every
+ΔT (on the t0 + kΔT grid) at s_f until ``pruning.persistent_end_frac`` of training (default 1:
+to the end, as DPF does; set it <= ``end_frac`` to freeze the mask at t1 like gmp).
+
+Per-leaf targets (``scope='layerwise'``): the distribution fixes each leaf's *final* target
+s_l^f at s_f (``uniform``: s_f; ``erk``: exact ERK counts at s_f, solved once on the host),
+and each leaf follows the polynomial schedule scaled to it, s_l(t) = s_l^f · s_t / s_f, i.e.
+the same schedule from s_l^i = s_i · s_l^f / s_f to s_l^f. So every leaf is exactly at its
+final target after t1 (for ``erk`` the kept counts then sum to exactly num_to_keep(N, s_f)),
+every leaf's target only grows (no leaf is asked to regrow in gmp), and ``uniform`` is exactly
+the Zhu & Gupta formula per leaf. ``scope='global'``: one top-k of |W| over all prunable
+weights at s_t (the per-leaf sparsities then come out of the magnitudes).
+
+All counts are traced (the schedule is evaluated inside the step), so top-k is the
+argsort-based :func:`nbjax.masks.topk_mask_dynamic`: one compiled step for every sparsity,
+run only on update steps under ``lax.cond``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nbjax import masks as masks_lib
+from nbjax import schedules
+from nbjax.pruning import common
+from nbjax.pruning.base import (
+    PruneContext,
+    Pruner,
+    persistent_end_step,
+    prunable,
+    register,
+    schedule_steps,
+)
+
+
+def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
+            persistent: bool) -> Pruner:
+    """The gradual magnitude pruner (persistent or not) for a run of ``total_steps``."""
+    p = config.pruning
+    s_i = schedules.validate_sparsity(p.initial_sparsity, "pruning.initial_sparsity")
+    s_f = schedules.validate_sparsity(p.sparsity, "pruning.sparsity")
+    if s_i > s_f:
+        raise ValueError(f"pruning.initial_sparsity={s_i} must be <= pruning.sparsity={s_f} "
+                         f"for {name} (the schedule only prunes)")
+    every, exponent = int(p.update_every), float(p.exponent)
+    schedules.validate_every(every)
+    t0, t1 = schedule_steps(config, total_steps)
+    last = persistent_end_step(config, total_steps) if persistent else t1
+    scope = p.scope
+
+    def is_update(step: jax.Array) -> jax.Array:
+        on_grid = (step - t0) % every == 0
+        return (step >= t0) & (((step <= last) & on_grid) | (step == t1))
+
+    def schedule(step: jax.Array, initial: float, final: float) -> jax.Array:
+        return schedules.polynomial_sparsity(step, initial=initial, final=final, start_step=t0,
+                                             end_step=t1, exponent=exponent)
+
+    def init(params, rng):
+        del rng
+        paths = prunable(params, config)
+        masks = masks_lib.ones_masks(params, paths)
+        return masks, common.init_state(masks, {q: 0.0 for q in paths}, 0.0)
+
+    def rule(ctx: PruneContext):
+        old = masks_lib.flatten(ctx.masks)
+        weights = masks_lib.select(ctx.params, sorted(old))
+        magnitude = {q: jnp.abs(w) for q, w in weights.items()}
+        # gmp ranks only the kept weights (pruned ones never return); pdwp ranks all.
+        scores = ({q: common.finite(m.astype(jnp.float32)) for q, m in magnitude.items()}
+                  if persistent else
+                  {q: common.exclude(magnitude[q], ~old[q]) for q in old})
+        total = schedule(ctx.step, s_i, s_f)
+        if scope == "global":
+            k = masks_lib.num_to_keep(sum(m.size for m in old.values()), total)
+            if not persistent:
+                k = jnp.minimum(k, common.count(old))
+            new = common.topk_global(scores, k)
+            return new, common.realised_targets(new), total
+        finals = common.leaf_targets({q: m.shape for q, m in old.items()}, s_f, config)
+        targets, ks = {}, {}
+        for q, m in old.items():
+            # s_l^i = s_i · s_l^f / s_f (exactly s_i for a leaf at s_f, as under uniform)
+            start = s_i if finals[q] == s_f else s_i * finals[q] / s_f
+            targets[q] = schedule(ctx.step, start, finals[q])
+            ks[q] = masks_lib.num_to_keep(m.size, targets[q])
+            if not persistent:  # never ask a leaf to regrow (float noise); a no-op in exact math
+                ks[q] = jnp.minimum(ks[q], jnp.sum(m, dtype=jnp.int32))
+        return common.topk_layerwise(scores, ks), targets, total
+
+    update = common.make_update(is_update, rule, persistent=persistent)
+    return Pruner(name, persistent=persistent, init=init, update=update)
+
+
+@register("gmp")
+def gmp(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
+    """Gradual magnitude pruning; ``mitigation.persistent=True`` makes it ``pdwp``."""
+    return gradual(config, total_steps, name="gmp",
+                   persistent=bool(config.mitigation.persistent))
+
+
+@register("pdwp")
+def pdwp(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
+    """Persistent dynamic weight pruning: persistent gmp (always persistent)."""
+    return gradual(config, total_steps, name="pdwp", persistent=True)
