@@ -48,6 +48,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     import jax
 
+    from nbjax import runtime
+
+    runtime.enable_compilation_cache()
     if joined.call:
         print(f"nbjax: process {jax.process_index()} of {jax.process_count()} "
               f"({joined.reason}): {jax.local_device_count()} local of {jax.device_count()} "

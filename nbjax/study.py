@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         logging.set_verbosity(logging.WARNING)
+        from nbjax import runtime
+
+        runtime.enable_compilation_cache()
         try:
             status = run_study(config.value, workdir.value, dry_run=dry.value)
         except ValueError as err:

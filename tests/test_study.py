@@ -53,7 +53,7 @@ def test_smoke_study_runs_and_report_matches_logs(finished_study):
     workdir, status = finished_study
     assert set(status.values()) == {"ran"}
     report = study_report.write_study_report(workdir)
-    text = open(report).read()
+    text = pathlib.Path(report).read_text()
     for png in ("accuracy_vs_sparsity.png", "burden_vs_sparsity.png", "burden_vs_drop.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 1000
         assert f"]({png})" in text
