@@ -2,6 +2,7 @@
 
     python -m nbjax.report WORKDIR                      # PNGs + report.md into WORKDIR
     python -m nbjax.report RUN_A RUN_B --out DIR        # the runs overlaid, one colour each
+    python -m nbjax.report STUDY_DIR                    # a study (nbjax.study_report)
 
 Reads each workdir's ``metrics.jsonl`` (one JSON object per logged step), ``config.json`` and
 ``final_metrics.json`` as :mod:`nbjax.loop` writes them, and draws against the training step:
@@ -26,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from nbjax import study_report  # noqa: E402
 
 B = "burden"
 # Where the total sparsity is logged (the pruning methods own it, nbjax.pruning.common).
@@ -371,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                         help="comma-separated legend labels, one per run (default: dir names)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
+    if len(args.workdirs) == 1 and study_report.is_study(args.workdirs[0]):
+        paths = study_report.write_study_report(args.workdirs[0], args.out)
+        print(paths)
+        return [paths]
     paths = make_report(args.workdirs, args.out, labels)
     for p in paths:
         print(p)

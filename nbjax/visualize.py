@@ -135,7 +135,8 @@ def draw_merges(images: np.ndarray, groups: np.ndarray, patch_size: int,
             ax.set_ylim(height - 0.5, -0.5)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0, b].set_title(f"{len(ids)} tokens\n{len(multi)} merged groups", fontsize=8)
+        # The class token is never merged: it is the one token more than the patch groups.
+        axes[0, b].set_title(f"{len(ids) + 1} tokens\n{len(multi)} merged groups", fontsize=8)
     axes[0, 0].set_ylabel("merged groups", fontsize=8)
     axes[1, 0].set_ylabel("mean per token", fontsize=8)
     if title:

@@ -26,9 +26,12 @@ from nbjax.sharding import make_mesh
 
 T = 40  # steps of every simulated run; the smoke schedule gives t0 = 4, t1 = 28, ΔT = 4
 COMBOS = [("uniform", "layerwise"), ("erk", "layerwise"), ("uniform", "global")]
-# gmp with mitigation.persistent=True is pdwp (the same pruner, test_persistent_switch).
-METHODS = [("gmp", False), ("pdwp", False), ("set", False), ("set", True), ("rigl", False),
-           ("rigl", True), ("static", False), ("none", False)]
+# Every method × distribution × scope; the persistent set/rigl variants and the dense
+# reference once each (their masks' construction does not depend on persistence); gmp with
+# mitigation.persistent=True is pdwp itself (test_persistent_switch).
+CASES = [(m, False, d, s) for m in ("gmp", "pdwp", "set", "rigl", "static") for d, s in COMBOS]
+CASES += [("set", True, "uniform", "layerwise"), ("rigl", True, "uniform", "layerwise"),
+          ("none", False, "uniform", "layerwise")]
 
 
 def normal_like(key, tree):
@@ -67,12 +70,16 @@ def sgd_momentum_tx():
 SIM_TXS = {"adam": lambda: optax.adam(1e-3), "sgd_momentum": sgd_momentum_tx}
 
 
-@functools.cache
 def sim(method, persistent=False, distribution="uniform", scope="layerwise", tx="adam"):
     """:func:`simulate` of one configuration, run once per test session (tests share runs).
 
     gmp/pdwp start at ``initial_sparsity=0.25``, so their schedule has a visible start.
     """
+    return _sim(method, persistent, distribution, scope, tx)  # one cache key per config
+
+
+@functools.cache
+def _sim(method, persistent, distribution, scope, tx):
     initial = 0.25 if method in ("gmp", "pdwp") else 0.0
     config = cfg(method, persistent, distribution, scope,
                  **{"pruning.initial_sparsity": initial})
@@ -140,8 +147,7 @@ def expected_counts(sparsity, distribution, scope):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("distribution,scope", COMBOS)
-@pytest.mark.parametrize("method,persistent", METHODS)
+@pytest.mark.parametrize("method,persistent,distribution,scope", CASES)
 def test_exact_target_sparsity(method, persistent, distribution, scope):
     config, pruner, (params, masks, _, _), history, _, metrics = sim(
         method, persistent, distribution, scope)

@@ -6,6 +6,7 @@ every registered pruning method and the burden metrics, the FLOPs accounting agr
 XLA's, the visualisation writes a PNG, and the smoke config learns with merging.
 """
 
+import functools
 import json
 
 import jax
@@ -29,6 +30,14 @@ def one_device_mesh():
     from nbjax.sharding import make_mesh
 
     return make_mesh(jax.devices()[:1])
+
+
+@functools.lru_cache(maxsize=1)
+def smoke_params():
+    """Params of the smoke ViT (merging adds none, so every schedule shares them); the
+    compiled init (random initialisers) is slow enough on a busy CPU to do only once."""
+    model = model_lib.build_model(smoke_config(), num_classes=4)
+    return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
 
 
 def registered_methods() -> list[str]:
@@ -77,7 +86,7 @@ def test_jitted_model_with_merging_compiles_once():
 
     f = jax.jit(forward)
     x = jnp.zeros((5, 8, 8, 1))
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = {"params": smoke_params()}
     for seed in range(4):  # new values, same shapes: different matchings, one trace
         xs = jax.random.normal(jax.random.PRNGKey(seed), x.shape)
         logits, source = f(variables, xs)
@@ -91,14 +100,18 @@ def test_proportional_attention_sees_sizes_after_the_merge():
     """Block 1 of a single-pass model attends with log(size): feeding it the merged sizes
     must change its output compared with sizes of one (so the bias is really applied)."""
     model = model_lib.build_model(smoke_config(**HALF), num_classes=4)
-    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    params = smoke_params()
     block = model_lib.Block(model.num_heads, model.mlp_dim)
     tokens = jax.random.normal(jax.random.PRNGKey(4), (2, 9, model.hidden_dim))
     sizes = jnp.asarray([[1.0, 3, 1, 2, 2, 1, 4, 2, 1]] * 2)
-    out_sized, _, _ = block.apply({"params": params["block_1"]}, tokens, sizes, None)
-    out_plain, _, _ = block.apply({"params": params["block_1"]}, tokens, None, None)
-    out_ones, _, _ = block.apply({"params": params["block_1"]}, tokens, jnp.ones((2, 9)), None)
+
+    @jax.jit
+    def run_block(size):
+        return block.apply({"params": params["block_1"]}, tokens, size, None)[0]
+
+    out_sized, out_ones = run_block(sizes), run_block(jnp.ones((2, 9)))
+    out_plain, _, _ = jax.jit(lambda t: block.apply({"params": params["block_1"]}, t, None,
+                                                    None))(tokens)
     np.testing.assert_allclose(out_ones, out_plain, atol=1e-6)
     assert np.max(np.abs(np.asarray(out_sized) - np.asarray(out_plain))) > 1e-3
 
@@ -107,8 +120,8 @@ def stats_of(config):
     """The model's ``'stats'`` of one forward pass (no jit, no train step)."""
     model = model_lib.build_model(config, num_classes=4)
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
-    variables = model.init(jax.random.PRNGKey(0), x)
-    _, aux = model.apply({"params": variables["params"]}, x, mutable=["stats"])
+    _, aux = jax.jit(lambda p: model.apply({"params": p}, x, mutable=["stats"]))(
+        smoke_params())
     return aux.get("stats", {})
 
 
@@ -237,7 +250,7 @@ def test_plot_merges_writes_png(tmp_path):
     config = smoke_config(**HALF)
     ds = smoke_dataset()
     model = model_lib.build_model(config, ds.num_classes)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = smoke_params()
     images = ds.test_images[:3]
     groups = visualize.merge_groups(model, params, None,
                                     visualize.data_lib.normalize(images, ds.mean, ds.std))

@@ -23,9 +23,10 @@ every leaf's target only grows (no leaf is asked to regrow in gmp), and ``unifor
 the Zhu & Gupta formula per leaf. ``scope='global'``: one top-k of |W| over all prunable
 weights at s_t (the per-leaf sparsities then come out of the magnitudes).
 
-All counts are traced (the schedule is evaluated inside the step), so top-k is the
-argsort-based :func:`nbjax.masks.topk_mask_dynamic`: one compiled step for every sparsity,
-run only on update steps under ``lax.cond``.
+All counts are traced (the schedule is evaluated inside the step), so the top-k is a sort
+(:func:`nbjax.pruning.common.topk_layerwise`, one sort for all leaves, the tie rule of
+:func:`nbjax.masks.topk_mask_dynamic`): one compiled step for every sparsity, run only on
+update steps under ``lax.cond``.
 """
 
 from __future__ import annotations
