@@ -28,7 +28,7 @@ from nbjax import flops as flops_lib
 from nbjax import model as model_lib
 from nbjax import sharding as sharding_lib
 from nbjax import train
-from nbjax.pruning import make_pruner
+from nbjax.pruning import Pruner, make_pruner
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -129,8 +129,12 @@ class Run:
 
 
 def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None,
-          mesh: Any = None) -> Run:
-    """Loads data, builds model, optimizer, pruner and state, and jits the steps."""
+          mesh: Any = None, pruner: Pruner | None = None) -> Run:
+    """Loads data, builds model, optimizer, pruner and state, and jits the steps.
+
+    ``pruner`` replaces the method ``config.pruning`` names (the benchmark's unmasked
+    reference, :func:`nbjax.bench.unmasked_pruner`, has no masks at all).
+    """
     config_lib.validate(config)
     dataset = data_lib.load_dataset(config.data) if dataset is None else dataset
     h, w, _ = dataset.image_shape
@@ -146,7 +150,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     steps = total_steps(config, len(dataset.train_labels))
     model = model_lib.build_model(config, dataset.num_classes)
     tx = train.make_optimizer(config, steps)
-    pruner = make_pruner(config, steps)
+    pruner = make_pruner(config, steps) if pruner is None else pruner
     lr_fn = train.learning_rate_fn(config, steps)
     # The burden metrics (docs/burden.md): off, the model collects no statistics either.
     tracker = burden_lib.make_tracker(config, model, pruner.persistent, steps,
