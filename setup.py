@@ -28,7 +28,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "ruff>=0.6"],
+        "test": ["pytest>=8.0", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         # gcsfs: gs:// workdirs (etils.epath reads and writes them through fsspec/gcsfs)
         "gcs": ["gcsfs>=2024.2.0"],
         "tpu": ["jax[tpu]>=0.7.0", "gcsfs>=2024.2.0"],
