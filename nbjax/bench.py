@@ -380,8 +380,9 @@ def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache
     x = jax.device_put(data_lib.normalize(dataset.train_images[:batch], dataset.mean,
                                           dataset.std), device)
     y = jax.device_put(jnp.asarray(dataset.train_labels[:batch]), device)
-    params = jax.jit(model.init, device=device)(jax.random.PRNGKey(0), x[:1])["params"]
-    opt_state = jax.jit(tx.init, device=device)(params)
+    one = jax.sharding.SingleDeviceSharding(device)
+    params = jax.jit(model.init, out_shardings=one)(jax.random.PRNGKey(0), x[:1])["params"]
+    opt_state = jax.jit(tx.init, out_shardings=one)(params)
     num_classes = dataset.num_classes
 
     def step(params, opt_state, x, y):

@@ -164,7 +164,7 @@ class TorchStep:
             loss = self.step()
         elapsed = time.perf_counter() - start
         if loss is not None:
-            self.losses.append(float(loss))
+            self.losses.append(float(loss.detach()))
         return elapsed
 
     def describe(self) -> dict[str, Any]:

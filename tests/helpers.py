@@ -1,21 +1,16 @@
 """Shared by the tests: the smoke config and its synthetic dataset, built once per process."""
 
 import functools
+import pathlib
 
 from nbjax import data
-from nbjax.config import lock
+from nbjax.config import load_config_file, lock
 
 
 def smoke_config(**overrides):
     """configs/smoke.py with dotted-key overrides, e.g. ``**{"pruning.method": "gmp"}``."""
-    import importlib.util
-    import pathlib
-
     path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "smoke.py"
-    spec = importlib.util.spec_from_file_location("smoke_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(path)
     config.train.progress = False
     for key, value in overrides.items():
         node = config
