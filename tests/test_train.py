@@ -154,3 +154,62 @@ def test_optimizer_state_is_part_of_train_state():
     run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
     assert isinstance(run.state, train.TrainState)
     assert int(run.state.step) == 0
+
+
+def test_interrupted_save_leaves_latest_good_checkpoint(tmp_path):
+    config = smoke_config(**{"train.num_steps": 8})
+    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
+    directory = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(str(directory))
+    ckpt.save(4, run.state, force=True)
+    ckpt.close()
+    # What a save killed half-way leaves behind: Orbax's temporary directory, never renamed.
+    partial = directory / "8.orbax-checkpoint-tmp-1234567890"
+    partial.mkdir()
+    (partial / "garbage").write_bytes(b"\0" * 10)
+    ckpt = checkpoint.Checkpointer(str(directory))
+    assert ckpt.latest_step() == 4
+    restored = ckpt.restore(checkpoint.abstract_like(run.state))
+    ckpt.close()
+    for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(run.state), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_killed_process_resumes_to_the_same_result(tmp_path):
+    """SIGKILL (no chance to save) mid-run; the rerun resumes from the periodic checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "-m", "nbjax.main", "--config", os.path.join(root, "configs",
+                                                                           "smoke.py"),
+            "--config.train.num_steps=64", "--config.train.progress=False"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    full = subprocess.run([*args, "--workdir", str(tmp_path / "full")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    cut_dir = tmp_path / "cut"
+    proc = subprocess.Popen([*args, "--workdir", str(cut_dir)], env=env, cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            steps = [p.name for p in (cut_dir / "checkpoints").glob("[0-9]*")
+                     if "tmp" not in p.name] if (cut_dir / "checkpoints").exists() else []
+            if steps:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (cut_dir / "final_metrics.json").exists(), "the run ended before the kill"
+    resumed = subprocess.run([*args, "--workdir", str(cut_dir)], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with open(tmp_path / "full" / "final_metrics.json") as f:
+        expected = json.load(f)
+    with open(cut_dir / "final_metrics.json") as f:
+        assert json.load(f) == expected
