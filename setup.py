@@ -33,6 +33,9 @@ setup(
         "gcs": ["gcsfs>=2024.2.0"],
         "tpu": ["jax[tpu]>=0.7.0", "gcsfs>=2024.2.0"],
         "cuda": ["jax[cuda12]>=0.7.0", "gcsfs>=2024.2.0"],
+        # bench: the PyTorch eager reference of `python -m nbjax.bench --torch` (CPU wheel)
+        "bench": ["torch>=2.2"],
     },
-    entry_points={"console_scripts": ["nbjax-train=nbjax.main:run"]},
+    entry_points={"console_scripts": ["nbjax-train=nbjax.main:run",
+                                      "nbjax-bench=nbjax.bench:run"]},
 )
