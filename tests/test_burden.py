@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import smoke_config, smoke_dataset
+from helpers import one_device_mesh, smoke_config, smoke_dataset
 
 from nbjax import burden, checkpoint, loop, report, train
 from nbjax import masks as masks_lib
@@ -130,12 +130,6 @@ def test_pruned_signal_through_the_model_probe(in_axes):
 # --------------------------------------------------------------------------------------------
 # Inside the train step
 # --------------------------------------------------------------------------------------------
-
-
-def one_device_mesh():
-    from nbjax.sharding import make_mesh
-
-    return make_mesh(jax.devices()[:1])
 
 
 def run_loop_steps(config, num_calls):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import smoke_config, smoke_dataset
+from helpers import run_steps, smoke_config, smoke_dataset
 
 from nbjax import config as config_lib
 from nbjax import flops, loop, tome, visualize
@@ -24,12 +24,6 @@ from nbjax.pruning import base as pruning_base
 SMOKE_TOKENS = 17
 HALF = {"mitigation.token_merging.mode": "single_pass",
         "mitigation.token_merging.keep_ratio": 0.5}
-
-
-def one_device_mesh():
-    from nbjax.sharding import make_mesh
-
-    return make_mesh(jax.devices()[:1])
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,19 +38,6 @@ def registered_methods() -> list[str]:
     if hasattr(pruning_base, "registered"):
         return list(pruning_base.registered())
     return sorted(pruning_base._REGISTRY)
-
-
-def run_calls(config, num_calls):
-    """``num_calls`` compiled train calls on the smoke data; the metrics of every call."""
-    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
-    k = config.train.steps_per_call
-    state, history = run.state, []
-    for c in range(num_calls):
-        idx = jax.device_put(order.block(c * k, k))
-        state, metrics = run.train_chunk(state, run.train_images, run.train_labels, idx)
-        history.append(jax.device_get(metrics))
-    return run, state, history
 
 
 # ----------------------------------------------------------------------------- the model
@@ -150,7 +131,7 @@ def half_run():
     """Ten train calls (40 steps) of the smoke config, single-pass at half the tokens, dense,
     burden metrics on: compiled once, shared by the tests below."""
     config = smoke_config(**HALF, **{"burden.enabled": True})
-    return run_calls(config, num_calls=10)
+    return run_steps(config, num_calls=10)
 
 
 def test_single_pass_half_logs_expected_tokens_per_block(half_run):
@@ -183,7 +164,7 @@ def test_train_step_with_merging_and_every_pruning_method(method):
     # start_frac 0: gradual methods (gmp, pdwp) already prune at step 4 of these 8 steps.
     config = smoke_config(**HALF, **{"pruning.method": method, "burden.enabled": True,
                                      "pruning.sparsity": 0.5, "pruning.start_frac": 0.0})
-    _, state, history = run_calls(config, num_calls=2)
+    _, state, history = run_steps(config, num_calls=2)
     losses = np.concatenate([h["train/loss"] for h in history])
     assert np.all(np.isfinite(losses))
     assert np.all(history[-1]["tokens/block_1"] == 9)

@@ -6,28 +6,9 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import smoke_config, smoke_dataset
+from helpers import one_device_mesh, run_steps, smoke_config, smoke_dataset
 
 from nbjax import checkpoint, loop, train
-
-
-def one_device_mesh():
-    from nbjax.sharding import make_mesh
-
-    return make_mesh(jax.devices()[:1])
-
-
-def run_steps(config, num_calls, state=None):
-    run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
-    state = run.state if state is None else state
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
-    k = config.train.steps_per_call
-    history = []
-    for c in range(num_calls):
-        idx = jax.device_put(order.block(c * k, k))
-        state, metrics = run.train_chunk(state, run.train_images, run.train_labels, idx)
-        history.append(jax.device_get(metrics))
-    return run, state, history
 
 
 def test_loss_falls_on_learnable_task():
