@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from nbjax import tome
+from nbjax.burden import input_abs_mean
 
 MASK_MODES = ("multiply", "straight_through")
 
@@ -58,7 +59,8 @@ class MaskedLinear(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, in_abs_mean: jax.Array | None = None) -> jax.Array:
+        """``x W (+ b)``; ``in_abs_mean``: ``x``'s statistic if the caller already has it."""
         in_shape = x.shape[-self.in_axes :]
         kernel = self.param(
             "kernel",
@@ -72,8 +74,9 @@ class MaskedLinear(nn.Module):
         mask = self.get_variable("masks", "kernel") if self.has_variable("masks", "kernel") \
             else None
         if self.collect_stats:
-            lead = tuple(range(x.ndim - self.in_axes))
-            self.sow("stats", "in_abs_mean", jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=lead))
+            if in_abs_mean is None:
+                in_abs_mean = input_abs_mean(x, self.in_axes)
+            self.sow("stats", "in_abs_mean", in_abs_mean)
         dense_kernel = kernel
         kernel = _masked(kernel, mask, self.mask_mode).astype(self.dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.in_axes)
@@ -91,6 +94,79 @@ class MaskedLinear(nn.Module):
         return y
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+    """[B, T, H, Dh] <-> [B, H, T, Dh]."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _materialize(x: jax.Array) -> jax.Array:
+    """``x``, kept as its own array on CPU (an optimization barrier); a no-op elsewhere.
+
+    XLA:CPU folds a transpose into the dot that consumes it; the dot then has a layout that
+    its fast batched-matmul path does not take and falls back to a generic loop (about 2
+    GFLOP/s on the attention backward). Materialising the transpose keeps every batched
+    matmul of the attention core in the fast path. GPUs and TPUs take any layout.
+    """
+    return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda y: y)
+
+
+def _core_forward(q, k, v, bias):
+    qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh)
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = _heads_first(jnp.einsum("bhqk,bhkd->bhqd", weights, vh))
+    return out, (qh, kh, vh, weights)
+
+
+@jax.custom_vjp
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
+                   bias: jax.Array | None = None) -> jax.Array:
+    """softmax(q kᵀ + bias) v per head: q, k, v [B, T, H, Dh] -> [B, T, H, Dh].
+
+    ``q`` is already scaled by 1/√Dh; ``bias`` (or None) broadcasts against the logits
+    [B, H, Tq, Tk] (token merging's log(size), [B, 1, 1, Tk]). The softmax is taken in
+    float32 and its weights cast back to the compute dtype, as before.
+
+    Exactly the math of the two einsums and the softmax; the backward is written out (the
+    standard one: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP - rowsum(dP ⊙ P)), dQ = dS K,
+    dK = dSᵀ Q) so that each of its batched matmuls has the [batch, heads, rows, cols]
+    layout XLA:CPU's fast matmul path takes (see :func:`_materialize`); autodiff of the
+    einsums left two of them on a generic loop, and the attention core cost about a fifth of
+    the CPU train step. Checked against autodiff in tests/test_attention_core.py.
+    """
+    return _core_forward(q, k, v, bias)[0]
+
+
+def _attention_core_fwd(q, k, v, bias):
+    out, res = _core_forward(q, k, v, bias)
+    return out, (res, bias)
+
+
+def _attention_core_bwd(saved, d_out):
+    (qh, kh, vh, weights), bias = saved
+    d_oh = _heads_first(d_out)
+    d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_oh, vh)
+    dv = jnp.einsum("bhkq,bhqd->bhkd", _materialize(weights.swapaxes(-1, -2)), d_oh)
+    p = weights.astype(jnp.float32)
+    dp = d_weights.astype(jnp.float32)
+    d_logits = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(qh.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, kh)
+    dk = jnp.einsum("bhkq,bhqd->bhkd", _materialize(d_logits.swapaxes(-1, -2)), qh)
+    d_bias = None
+    if bias is not None:
+        shape, dtype = bias.shape, bias.dtype
+        d_bias = d_logits.astype(jnp.float32)
+        d_bias = jnp.sum(d_bias, axis=tuple(range(d_bias.ndim - len(shape))))  # broadcast rank
+        axes = tuple(i for i, n in enumerate(shape) if n == 1 and d_bias.shape[i] != 1)
+        d_bias = jnp.sum(d_bias, axis=axes, keepdims=True).astype(dtype)
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv), d_bias
+
+
+attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; ``size`` (tokens merged into each) adds log(size) to logits."""
 
@@ -106,14 +182,14 @@ class Attention(nn.Module):
         head_dim = dim // self.num_heads
         proj = dict(mask_mode=self.mask_mode, collect_stats=self.collect_stats,
                     measure_pruned=self.measure_pruned, dtype=self.dtype)
-        q = MaskedLinear((self.num_heads, head_dim), name="query", **proj)(x)
-        k = MaskedLinear((self.num_heads, head_dim), name="key", **proj)(x)
-        v = MaskedLinear((self.num_heads, head_dim), name="value", **proj)(x)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-        if size is not None:
-            logits = logits + tome.proportional_attention_bias(size).astype(self.dtype)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        # q, k and v read the same x: its statistic is computed once for the three.
+        e = input_abs_mean(x, 1) if self.collect_stats else None
+        q = MaskedLinear((self.num_heads, head_dim), name="query", **proj)(x, e)
+        k = MaskedLinear((self.num_heads, head_dim), name="key", **proj)(x, e)
+        v = MaskedLinear((self.num_heads, head_dim), name="value", **proj)(x, e)
+        bias = None if size is None else tome.proportional_attention_bias(size)
+        scale = jnp.asarray(1.0 / jnp.sqrt(head_dim), self.dtype)
+        heads = attention_core(q * scale, k, v, bias)
         out = MaskedLinear((dim,), in_axes=2, name="out", **proj)(heads)
         return out, jnp.mean(k, axis=2)
 

@@ -29,9 +29,11 @@ DATA_AXIS = "data"
 def use_all_cpu_cores() -> None:
     """Runs a CPU-only host as one XLA device per core, unless the user chose otherwise.
 
-    XLA's CPU backend keeps most of one step on one core; with one device per core and the
-    batch sharded over them a 2-core host ran a ViT step about 1.45x faster. Must run before
-    JAX initialises its backends (that is, before the first device query).
+    XLA's CPU backend runs one device's operations one after another; with one device per
+    core and the batch sharded over them, the small operations of the two halves of the
+    batch run in parallel. On the project's 2-core host that made nbjax's train step 3-8 %
+    faster than one device (docs/performance.md). Must run before JAX initialises its
+    backends (that is, before the first device query).
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
