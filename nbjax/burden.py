@@ -392,10 +392,10 @@ class BurdenTracker:
         # Reference capture: at step 0 and at the reference step (scalars per kernel).
         capture = (step == 0) | (step == self.reference_step)
         e = {p: _stat(flat_stats, p, STAT) for p in self.kernels}
-        # Computed once and shared by the metric and its reference, so that both are exactly
-        # 1 at the reference step of a dense layer.
-        kept_sum = {p: _kept_abs_sums(e[p], params[p], masks.get(p)) for p in self.kernels}
-        w_rms = {p: kept_rms(params[p], masks.get(p)) for p in self.kernels}
+        # kept_sum is computed once and shared by the metric and its reference, so that both
+        # are exactly 1 at the reference step of a dense layer.
+        kept_sum, kept_count, w_rms, g_rms = _kernel_sums(self.kernels, e, params, masks,
+                                                          flat_grads)
 
         def captured(_):
             out_load, out_rms = {}, {}
@@ -411,19 +411,19 @@ class BurdenTracker:
         # Every-step metrics, per kernel, then per block.
         per: dict[str, dict[str, jax.Array]] = {"load": {}, "kept_weight_rms": {},
                                                  "kept_grad_rms": {}}
-        for p in self.kernels:
-            m = masks.get(p)
-            per["load"][p] = load(e[p], params[p], m, ref_load[p], kept_sum[p])
+        for p in self.kernels:  # load() and kept_weight_rms(), from the shared sums
+            per["load"][p] = kept_sum[p] / jnp.maximum(kept_count[p], 1.0) / ref_load[p]
             per["kept_weight_rms"][p] = w_rms[p] / jnp.maximum(ref_rms[p], _TINY)
-            per["kept_grad_rms"][p] = kept_grad_rms(flat_grads[p], m)
+            per["kept_grad_rms"][p] = g_rms[p]
 
         # pruned_signal: the probe pass, only on the steps that measure it. A mask update is
         # a step where the method says so (``pruning/mask_updated``, which every method of
         # nbjax.pruning logs) or where any mask flipped (a method without the flag).
-        updated = _any_flipped(masks, masks_lib.flatten(state_after.masks))
         flag = (prune_metrics or {}).get(MASK_UPDATED)
-        if flag is not None:
-            updated = updated | (flag > 0)
+        # The flag is exact for nbjax's methods; comparing every mask is the fallback (it
+        # reads all masks each step, a cost the default step need not pay).
+        updated = (flag > 0 if flag is not None
+                   else _any_flipped(masks, masks_lib.flatten(state_after.masks)))
         periodic = (step % self.every == 0) if self.persistent else jnp.zeros((), bool)
         measure = updated | periodic
         held = masks_lib.flatten(b["pruned_signal"])
@@ -464,6 +464,49 @@ class BurdenTracker:
                           pruned_signal=masks_lib.nest(signal), reference_step=ref_at,
                           pruned_signal_step=signal_at)
         return new_burden, metrics
+
+
+def _kernel_sums(kernels: Sequence[str], e: Mapping[str, jax.Array],
+                 params: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
+                 grads: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
+    """Per kernel: Σ e|W| over kept entries, the kept count, kept rms of W and of its gradient.
+
+    The same numbers as :func:`_kept_abs_sums`, :func:`_kept_count` and :func:`kept_rms`, but
+    computed once per group of same-shape kernels (q/k/v, out, fc1, fc2 repeat in every
+    block) with the kernel as a leading axis: a few operations per group instead of per
+    kernel. The every-step metrics are tiny, so their cost on a CPU is the number of
+    operations, not arithmetic (docs/performance.md).
+    """
+    groups: dict[tuple, list[str]] = {}
+    for p in kernels:
+        key = (params[p].shape, params[p].dtype, e[p].shape, p in masks)
+        groups.setdefault(key, []).append(p)
+
+    def sums(e_j, w, m, g):
+        a = jnp.abs(w.astype(jnp.float32))
+        sq_w = jnp.square(w.astype(jnp.float32))
+        sq_g = jnp.square(g.astype(jnp.float32))
+        if m is None:
+            count = jnp.asarray(w.size, jnp.float32)
+        else:
+            a, sq_w, sq_g = (jnp.where(m, x, 0.0) for x in (a, sq_w, sq_g))
+            count = jnp.sum(m, dtype=jnp.float32)
+        kept = jnp.sum(e_j * jnp.sum(a, axis=_out_axes(e_j, w)))
+        denom = jnp.maximum(count, 1.0)
+        return kept, count, jnp.sqrt(jnp.sum(sq_w) / denom), jnp.sqrt(jnp.sum(sq_g) / denom)
+
+    out: tuple[dict[str, jax.Array], ...] = ({}, {}, {}, {})
+    for (_, _, _, masked), paths in groups.items():
+        stack = lambda tree, paths=paths: jnp.stack([tree[p] for p in paths])
+        if masked:
+            values = jax.vmap(sums)(stack(e), stack(params), stack(masks), stack(grads))
+        else:
+            values = jax.vmap(lambda e_j, w, g: sums(e_j, w, None, g))(
+                stack(e), stack(params), stack(grads))
+        for i, p in enumerate(paths):
+            for target, value in zip(out, values, strict=True):
+                target[p] = value[i]
+    return out
 
 
 def _any_flipped(before: Mapping[str, Any], after: Mapping[str, Any]) -> jax.Array:
