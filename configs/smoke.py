@@ -25,5 +25,6 @@ def get_config():
     config.train.eval_batch_size = 64
     config.train.checkpoint_every = 16
     config.pruning.update_every = 4
+    config.pruning.persistent_update_every = 4
     config.burden.every = 4
     return config

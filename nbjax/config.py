@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Persistent gmp/pdwp: keep recomputing the mask every ΔT at the final sparsity until this
     # fraction of training (1.0 = to the end, as DPF; <= end_frac freezes the mask at end_frac).
     c.pruning.persistent_end_frac = 1.0
+    # Persistent gmp/pdwp: steps between re-rankings of the mask (DPF's 16); the sparsity
+    # target itself still changes every update_every steps (docs/pruning.md says why).
+    c.pruning.persistent_update_every = 16
 
     c.mitigation = ml_collections.ConfigDict()
     c.mitigation.persistent = False
@@ -136,7 +139,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(m.hidden_dim % m.num_heads == 0, "model.num_heads", "must divide model.hidden_dim")
     for key in ("model.depth", "model.hidden_dim", "model.mlp_dim", "train.batch_size",
                 "train.steps_per_call", "train.log_every", "train.eval_batch_size",
-                "train.checkpoint_every", "pruning.update_every", "burden.every"):
+                "train.checkpoint_every", "pruning.update_every",
+                "pruning.persistent_update_every", "burden.every"):
         check(_get(config, key) > 0, key, "must be > 0")
     check(t.num_steps > 0 or t.num_epochs > 0, "train.num_epochs",
           "must be > 0 (or set train.num_steps)")

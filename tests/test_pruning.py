@@ -260,6 +260,39 @@ def test_dst_constant_count_and_regrown_statistics_reset(method, persistent, tx)
     assert any(r.any() for r in ever_regrown.values()) != persistent
 
 
+def test_pdwp_reranks_on_its_own_grid_but_prunes_to_gmps_staircase():
+    """persistent_update_every=2 with ΔT=4: pdwp updates on t0 + 2k (and after t1), gmp on
+    t0 + 4k; at every step both aim at the same target, which changes only on the ΔT grid."""
+    over = {"pruning.persistent_update_every": 2, "pruning.initial_sparsity": 0.25}
+    runs = {}
+    for method in ("gmp", "pdwp"):
+        config = cfg(method, **over)
+        pruner = make_pruner(config, T)
+        update = jax.jit(pruner.update)
+        params = toy_params()
+        masks, state = pruner.init(params, jax.random.PRNGKey(1))
+        opt_state = optax.adam(1e-3).init(params)
+        flags, targets = [], []
+        for step in range(T):
+            ctx = update(PruneContext(step=jnp.int32(step), params=params, masks=masks,
+                                      opt_state=opt_state, pruning_state=state, grads=params,
+                                      rng=jax.random.PRNGKey(3)))
+            masks, state = ctx.masks, ctx.pruning_state
+            flags.append(bool(ctx.metrics["pruning/mask_updated"]))
+            targets.append(float(ctx.metrics["pruning/target_sparsity"]))
+        runs[method] = (flags, targets)
+    t0, t1 = schedule_steps(cfg("pdwp", **over), T)
+    assert (t0, t1) == (4, 28)
+    assert [t for t, f in enumerate(runs["gmp"][0]) if f] == list(range(t0, t1 + 1, 4))
+    assert [t for t, f in enumerate(runs["pdwp"][0]) if f] == list(range(t0, T, 2))
+    pdwp_targets = runs["pdwp"][1]
+    for t in range(t0, t1, 4):  # held between gmp's steps, and equal to gmp's on them
+        assert pdwp_targets[t + 2] == pdwp_targets[t]
+        assert pdwp_targets[t] == pytest.approx(runs["gmp"][1][t], abs=1e-7)
+    assert pdwp_targets[t1] == pytest.approx(runs["gmp"][1][t1], abs=1e-7)
+    assert pdwp_targets[t0] == pytest.approx(0.25) and pdwp_targets[-1] == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("method,comes_back", [("pdwp", True), ("gmp", False)])
 def test_weight_comes_back_when_its_magnitude_overtakes(method, comes_back):
     """pdwp ranks the dense weights, so a pruned weight that grows re-enters; gmp never."""
