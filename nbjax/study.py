@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"report: python -m nbjax.report {workdir.value}")
 
     sharding.use_all_cpu_cores()
+    # ``--dry-run`` (the and the README's spelling) is absl's ``--dry_run``.
+    argv = [("--dry_run" if a == "--dry-run" else a) for a in (sys.argv if argv is None else argv)]
     app.run(_main, argv=argv)
 
 

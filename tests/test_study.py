@@ -101,3 +101,20 @@ def test_claims_are_respected_by_other_processes(tmp_path):
     assert study.claim(path)
     study.release(path)
     assert not os.path.exists(os.path.join(path, ".claim"))
+
+
+def test_dry_run_command_lists_runs_and_trains_nothing(tmp_path):
+    """``--dry-run`` (and absl's ``--dry_run``) lists every run with an estimate, runs none."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "study"
+    for flag in ("--dry-run", "--dry_run"):
+        out = subprocess.run(
+            [sys.executable, "-m", "nbjax.study", "--config",
+             str(ROOT / "configs" / "study_smoke.py"), "--workdir", str(workdir), flag],
+            capture_output=True, text=True, check=True, cwd=ROOT, timeout=300).stdout
+        specs = study.expand(smoke_study())
+        assert specs and all(spec.name in out for spec in specs)
+        assert f"{len(specs)} runs, {len(specs)} to do" in out
+        assert not any(os.path.exists(study.run_dir(str(workdir), s)) for s in specs)
