@@ -44,7 +44,8 @@ For every variant it prints and writes to ``--json``:
   before the method's first mask update so that the update calls are in it.
 
 ``--torch``: also times the PyTorch eager masked ViT step of the same shape
-(:mod:`nbjax.bench_torch`), interleaved with the others, when ``torch`` is importable.
+(:mod:`nbjax.bench_torch`), interleaved with the others, when ``torch`` is importable
+(``--torch_threads N``: its intra-op threads; default one per core).
 
 On a CPU host nbjax runs one XLA device per core by default (:func:`nbjax.sharding
 .use_all_cpu_cores`); ``--devices N`` uses only the first N of them (N=1: the one-device
@@ -256,16 +257,32 @@ def device_peak_memory(devices: Sequence[Any]) -> int | None:
 
 
 class _CacheHits:
-    """Counts the persistent compilation cache's hits (JAX monitoring events)."""
+    """Counts the persistent compilation cache's hits and misses (JAX monitoring events)."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.hits = self.misses = 0
+        self.retrieval_s = 0.0
 
         def listener(event: str, **kwargs: Any) -> None:
             if event == "/jax/compilation_cache/cache_hits":
-                self.count += 1
+                self.hits += 1
+            elif event == "/jax/compilation_cache/cache_misses":
+                self.misses += 1
+
+        def duration(event: str, seconds: float, **kwargs: Any) -> None:
+            if event == "/jax/compilation_cache/cache_retrieval_time_sec":
+                self.retrieval_s += seconds
 
         jax.monitoring.register_event_listener(listener)
+        jax.monitoring.register_event_duration_secs_listener(duration)
+
+    def snapshot(self) -> tuple[int, int]:
+        """(hits, misses) so far."""
+        return self.hits, self.misses
+
+    def served(self, since: tuple[int, int]) -> bool:
+        """Whether every compile since ``since`` was a cache hit (and there was one)."""
+        return self.hits > since[0] and self.misses == since[1]
 
 
 @dataclasses.dataclass
@@ -322,7 +339,7 @@ def _prepare_nbjax(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup:
     k, batch = int(config.train.steps_per_call), int(config.train.batch_size)
     order = loop.BatchOrder(len(dataset.train_labels), batch, config.seed)
     blocks = [loop.train_indices(run, order, i * k, k) for i in range(4)]
-    hits = cache.count
+    hits = cache.snapshot()
     t0 = time.perf_counter()
     lowered = run.train_chunk.lower(run.state, run.train_images, run.train_labels, blocks[0])
     t1 = time.perf_counter()
@@ -342,7 +359,7 @@ def _prepare_nbjax(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup:
     fwd = forward_flops[key]
     peak = peak_flops(mesh.devices.flat[0].device_kind, config.model.dtype)
     info = {"name": variant.name, "lower_s": t1 - t0, "xla_compile_s": t2 - t1,
-            "compile_s": t2 - t0, "cache_hit": cache.count > hits, "flops_per_step": flops,
+            "compile_s": t2 - t0, "cache_hit": cache.served(hits), "flops_per_step": flops,
             "model_flops_per_step": 3 * fwd * batch if fwd else None,
             "memory": _memory(compiled), "num_devices": n, "_peak": peak}
 
@@ -365,8 +382,11 @@ def _prepare_nbjax(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup:
         flag = metrics.get("pruning/mask_updated")
         return elapsed, bool(flag is not None and np.any(np.asarray(flag) > 0))
 
+    p = config.pruning
+    gradual_persistent = p.method == "pdwp" or (p.method == "gmp" and config.mitigation.persistent)
+    every = p.persistent_update_every if gradual_persistent else p.update_every
     return _Timed(variant, call, k, batch, info,
-                  update_every=int(config.pruning.update_every) if first is not None else None)
+                  update_every=int(every) if first is not None else None)
 
 
 def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache: _CacheHits,
@@ -393,7 +413,7 @@ def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    hits = cache.count
+    hits = cache.snapshot()
     t0 = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, y)
     t1 = time.perf_counter()
@@ -405,7 +425,7 @@ def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache
         forward_flops[key] = flops_lib.compiled_forward_flops(model, dataset.image_shape)
     fwd = forward_flops[key]
     info = {"name": variant.name, "lower_s": t1 - t0, "xla_compile_s": t2 - t1,
-            "compile_s": t2 - t0, "cache_hit": cache.count > hits, "flops_per_step": flops,
+            "compile_s": t2 - t0, "cache_hit": cache.served(hits), "flops_per_step": flops,
             "model_flops_per_step": 3 * fwd * batch if fwd else None,
             "memory": _memory(compiled), "num_devices": 1,
             "_peak": peak_flops(device.device_kind, config.model.dtype)}
@@ -424,9 +444,13 @@ def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache
     return _Timed(variant, call, k, batch, info)
 
 
-def _prepare_torch(base: Any, dataset: Any) -> _Timed:
+def _prepare_torch(base: Any, dataset: Any, threads: int = 0) -> _Timed:
     from nbjax import bench_torch
 
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     m, t = base.model, base.train
     shape = bench_torch.TorchShape(
         image_size=int(m.image_size), channels=int(dataset.image_shape[-1]),
@@ -457,7 +481,7 @@ def scan_flops_factor_cached() -> int:
 
 def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: int = 200,
               warmup: int = 2, torch: bool = False, real_data: bool = False,
-              devices: int = 0, print_fn: Callable[[str], Any] = print,
+              devices: int = 0, torch_threads: int = 0, print_fn: Callable[[str], Any] = print,
               config_path: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Builds, compiles and times ``variants`` of ``config``; returns the JSON-able results.
 
@@ -490,7 +514,7 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
         from nbjax import bench_torch
 
         if bench_torch.available():
-            timed.append(_prepare_torch(config, dataset))
+            timed.append(_prepare_torch(config, dataset, torch_threads))
         else:
             torch_result = {"error": "torch is not importable (pip install torch)"}
             print_fn("--torch: torch is not importable; skipped (pip install torch)")
@@ -499,7 +523,9 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
             item.call()
     k = int(config.train.steps_per_call)
     num_calls = max(1, -(-steps // k))
+    loads = []
     for r in range(num_calls):
+        loads.append(os.getloadavg()[0])
         for item in (timed if r % 2 == 0 else timed[::-1]):
             seconds, updated = item.call()
             item.times.append(seconds)
@@ -522,7 +548,8 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
         "batch_size": int(config.train.batch_size),
         "steps_per_call": k,
         "steps": num_calls * k,
-        "load_average": {"start": list(load_start), "end": list(load_end)},
+        "load_average": {"start": list(load_start), "end": list(load_end),
+                         "max_1min_while_timing": max(loads)},
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "model_dtype": config.model.dtype,
@@ -578,7 +605,31 @@ def format_table(out: dict[str, Any]) -> str:
     rows.append("step ms: median per step of the calls without a mask update; GFLOP: model "
                 "FLOPs (3x the dense forward); upd. window: average step time over a ΔT window "
                 "with its mask update / plain masked step")
+    rows.extend(target_lines(out))
     return "\n".join(rows)
+
+
+def target_lines(out: dict[str, Any]) -> list[str]:
+    """The issue's targets, checked on these figures (a line each, where they apply)."""
+    lines = []
+    variants = out["variants"]
+    dense = variants.get("dense")
+    torch_img_s = (out.get("torch") or {}).get("img_s")
+    for name, r in variants.items():
+        v = Variant.parse(name)
+        if v.masked and v.burden and not v.tome and dense:
+            ratio = r["step_s"] / dense["step_s"]
+            lines.append(f"target: {name} / dense = {ratio:.3f} (<= 1.10: "
+                         f"{'met' if ratio <= 1.10 else 'NOT met'})")
+            if torch_img_s:
+                met = "met" if r["img_s"] > torch_img_s else "NOT met"
+                lines.append(f"target: {name} {r['img_s']:.0f} img/s vs torch eager "
+                             f"{torch_img_s:.0f} img/s ({met})")
+        window = (r.get("update") or {}).get("window_ratio")
+        if window is not None:
+            lines.append(f"target: {name} mask-update window / plain step = {window:.3f} "
+                         f"(<= 1.15: {'met' if window <= 1.15 else 'NOT met'})")
+    return lines
 
 
 def main(argv: list[str]) -> None:
@@ -594,6 +645,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     out = run_bench(config, f.variants, f.steps, f.warmup, f.torch, f.real_data, f.devices,
+                    torch_threads=f.torch_threads,
                     config_path=f["config"].config_filename, overrides=overrides)
     if f.json:
         write_json(out, f.json)
@@ -616,6 +668,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("warmup", 2, "Untimed calls per variant after compiling.")
     flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
     flags.DEFINE_bool("torch", False, "Also time the PyTorch eager step (if importable).")
+    flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for --torch (0: torch's "
+                         "default, one per core).")
     flags.DEFINE_bool("real_data", False, "Use the config's dataset, not synthetic data.")
     flags.DEFINE_integer("devices", 0, "Use only the first N devices (0 = all).")
 
