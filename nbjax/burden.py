@@ -394,8 +394,8 @@ class BurdenTracker:
         e = {p: _stat(flat_stats, p, STAT) for p in self.kernels}
         # kept_sum is computed once and shared by the metric and its reference, so that both
         # are exactly 1 at the reference step of a dense layer.
-        kept_sum, kept_count, w_rms, g_rms = _kernel_sums(self.kernels, e, params, masks,
-                                                          flat_grads)
+        kept_sum, load_num, w_rms, g_rms = _kernel_sums(self.kernels, e, params, masks,
+                                                        flat_grads)
 
         def captured(_):
             out_load, out_rms = {}, {}
@@ -411,8 +411,8 @@ class BurdenTracker:
         # Every-step metrics, per kernel, then per block.
         per: dict[str, dict[str, jax.Array]] = {"load": {}, "kept_weight_rms": {},
                                                  "kept_grad_rms": {}}
-        for p in self.kernels:  # load() and kept_weight_rms(), from the shared sums
-            per["load"][p] = kept_sum[p] / jnp.maximum(kept_count[p], 1.0) / ref_load[p]
+        for p in self.kernels:  # load() and kept_weight_rms(), from the grouped sums
+            per["load"][p] = load_num[p] / ref_load[p]
             per["kept_weight_rms"][p] = w_rms[p] / jnp.maximum(ref_rms[p], _TINY)
             per["kept_grad_rms"][p] = g_rms[p]
 
@@ -469,40 +469,28 @@ class BurdenTracker:
 def _kernel_sums(kernels: Sequence[str], e: Mapping[str, jax.Array],
                  params: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
                  grads: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
-    """Per kernel: Σ e|W| over kept entries, the kept count, kept rms of W and of its gradient.
+    """Per kernel: :func:`_kept_abs_sums`, :func:`load_numerator`, :func:`kept_rms` of W and
+    :func:`kept_grad_rms`, each computed once per group of same-shape kernels.
 
-    The same numbers as :func:`_kept_abs_sums`, :func:`_kept_count` and :func:`kept_rms`, but
-    computed once per group of same-shape kernels (q/k/v, out, fc1, fc2 repeat in every
-    block) with the kernel as a leading axis: a few operations per group instead of per
-    kernel. The every-step metrics are tiny, so their cost on a CPU is the number of
-    operations, not arithmetic (docs/performance.md).
+    q/k/v, out, fc1 and fc2 repeat in every block, so each group is stacked with the kernel as
+    a leading axis and the metric functions are vmapped over it: a few operations per group
+    instead of per kernel. The every-step metrics are tiny, so their cost on a CPU is the
+    number of operations, not arithmetic (docs/performance.md).
     """
     groups: dict[tuple, list[str]] = {}
     for p in kernels:
         key = (params[p].shape, params[p].dtype, e[p].shape, p in masks)
         groups.setdefault(key, []).append(p)
 
-    def sums(e_j, w, m, g):
-        a = jnp.abs(w.astype(jnp.float32))
-        sq_w = jnp.square(w.astype(jnp.float32))
-        sq_g = jnp.square(g.astype(jnp.float32))
-        if m is None:
-            count = jnp.asarray(w.size, jnp.float32)
-        else:
-            a, sq_w, sq_g = (jnp.where(m, x, 0.0) for x in (a, sq_w, sq_g))
-            count = jnp.sum(m, dtype=jnp.float32)
-        kept = jnp.sum(e_j * jnp.sum(a, axis=_out_axes(e_j, w)))
-        denom = jnp.maximum(count, 1.0)
-        return kept, count, jnp.sqrt(jnp.sum(sq_w) / denom), jnp.sqrt(jnp.sum(sq_g) / denom)
+    def sums(e_j, w, g, m=None):
+        kept = _kept_abs_sums(e_j, w, m)
+        return kept, load_numerator(e_j, w, m, kept), kept_rms(w, m), kept_grad_rms(g, m)
 
     out: tuple[dict[str, jax.Array], ...] = ({}, {}, {}, {})
-    for (_, _, _, masked), paths in groups.items():
-        stack = lambda tree, paths=paths: jnp.stack([tree[p] for p in paths])
-        if masked:
-            values = jax.vmap(sums)(stack(e), stack(params), stack(masks), stack(grads))
-        else:
-            values = jax.vmap(lambda e_j, w, g: sums(e_j, w, None, g))(
-                stack(e), stack(params), stack(grads))
+    for (*_, masked), paths in groups.items():
+        stacked = [jnp.stack([tree[p] for p in paths])
+                   for tree in ((e, params, grads, masks) if masked else (e, params, grads))]
+        values = jax.vmap(sums)(*stacked)
         for i, p in enumerate(paths):
             for target, value in zip(out, values, strict=True):
                 target[p] = value[i]
