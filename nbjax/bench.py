@@ -261,7 +261,6 @@ class _CacheHits:
 
     def __init__(self) -> None:
         self.hits = self.misses = 0
-        self.retrieval_s = 0.0
 
         def listener(event: str, **kwargs: Any) -> None:
             if event == "/jax/compilation_cache/cache_hits":
@@ -269,12 +268,7 @@ class _CacheHits:
             elif event == "/jax/compilation_cache/cache_misses":
                 self.misses += 1
 
-        def duration(event: str, seconds: float, **kwargs: Any) -> None:
-            if event == "/jax/compilation_cache/cache_retrieval_time_sec":
-                self.retrieval_s += seconds
-
         jax.monitoring.register_event_listener(listener)
-        jax.monitoring.register_event_duration_secs_listener(duration)
 
     def snapshot(self) -> tuple[int, int]:
         """(hits, misses) so far."""
@@ -364,6 +358,7 @@ def _prepare_nbjax(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup:
             "memory": _memory(compiled), "num_devices": n, "_peak": peak}
 
     first = first_update_step(config, run.total_steps)
+    update_every = run.pruner.update_every if first is not None else None
     start = max(0, first - (warmup + 2) * k) if first is not None else 0
     repl = sharding_lib.replicated(mesh)
     box = {"state": run.state.replace(
@@ -382,11 +377,7 @@ def _prepare_nbjax(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup:
         flag = metrics.get("pruning/mask_updated")
         return elapsed, bool(flag is not None and np.any(np.asarray(flag) > 0))
 
-    p = config.pruning
-    gradual_persistent = p.method == "pdwp" or (p.method == "gmp" and config.mitigation.persistent)
-    every = p.persistent_update_every if gradual_persistent else p.update_every
-    return _Timed(variant, call, k, batch, info,
-                  update_every=int(every) if first is not None else None)
+    return _Timed(variant, call, k, batch, info, update_every=update_every)
 
 
 def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache: _CacheHits,

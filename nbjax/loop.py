@@ -126,6 +126,7 @@ class Run:
     test_images: jax.Array
     test_labels: jax.Array
     total_steps: int
+    pruner: Pruner
 
 
 def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None,
@@ -177,7 +178,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     put = lambda x: sharding_lib.put_replicated(x, mesh)
     return Run(config, dataset, mesh, state, shardings, train_chunk, eval_step,
                put(dataset.train_images), put(dataset.train_labels),
-               put(dataset.test_images), put(dataset.test_labels), steps)
+               put(dataset.test_images), put(dataset.test_labels), steps, pruner)
 
 
 def eval_batches(num_examples: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -49,12 +49,14 @@ class PruneContext:
 
 @dataclasses.dataclass(frozen=True)
 class Pruner:
-    """A pruning method: its name, whether it is persistent, and its two functions."""
+    """A pruning method: its name, whether it is persistent, its two functions, and the
+    interval of its mask updates (steps; None for a method whose mask never changes)."""
 
     name: str
     persistent: bool
     init: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]]
     update: Callable[[PruneContext], PruneContext]
+    update_every: int | None = None
 
 
 _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict, int], Pruner]] = {}

@@ -98,7 +98,7 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
         return {f"{common.PREFIX}/drop_fraction": jnp.asarray(fraction(ctx.step), jnp.float32)}
 
     update = common.make_update(is_update, rule, persistent=persistent, extra_metrics=extra)
-    return Pruner(name, persistent=persistent, init=init, update=update)
+    return Pruner(name, persistent=persistent, init=init, update=update, update_every=every)
 
 
 @register("set")

@@ -119,7 +119,8 @@ def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
         return common.topk_layerwise(scores, ks), targets, total
 
     update = common.make_update(is_update, rule, persistent=persistent)
-    return Pruner(name, persistent=persistent, init=init, update=update)
+    return Pruner(name, persistent=persistent, init=init, update=update,
+                  update_every=rerank_every)
 
 
 @register("gmp")
