@@ -435,6 +435,16 @@ def _prepare_plain(variant: Variant, base: Any, dataset: Any, device: Any, cache
     return _Timed(variant, call, k, batch, info)
 
 
+def _torch_device() -> str:
+    """'cuda' when JAX runs on a GPU and torch sees one too, else 'cpu': the reference runs
+    on the same kind of device as the nbjax variants."""
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def _prepare_torch(base: Any, dataset: Any, threads: int = 0) -> _Timed:
     from nbjax import bench_torch
 
@@ -449,7 +459,7 @@ def _prepare_torch(base: Any, dataset: Any, threads: int = 0) -> _Timed:
         num_heads=int(m.num_heads), mlp_dim=int(m.mlp_dim), num_classes=dataset.num_classes,
         batch_size=int(t.batch_size), sparsity=float(base.pruning.sparsity),
         learning_rate=float(t.learning_rate), weight_decay=float(t.weight_decay))
-    step = bench_torch.TorchStep(shape)
+    step = bench_torch.TorchStep(shape, device=_torch_device())
     k = int(t.steps_per_call)
 
     def call() -> tuple[float, bool]:

@@ -127,17 +127,27 @@ class TorchStep:
     gathers a random batch from it by index, as nbjax gathers from its on-device dataset.
     """
 
-    def __init__(self, shape: TorchShape, num_examples: int = 4096, seed: int = 0) -> None:
+    def __init__(self, shape: TorchShape, num_examples: int = 4096, seed: int = 0,
+                 device: str = "cpu") -> None:
         import torch
         import torch.nn.functional as F  # noqa: N812
 
         self.shape = shape
-        self.model, self.optimizer, self.masked = _build(shape, seed)
+        self.device = torch.device(device)
+        model, optimizer, masked = _build(shape, seed)
         generator = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(num_examples, shape.channels, shape.image_size,
-                                  shape.image_size, generator=generator)
-        self.labels = torch.randint(0, shape.num_classes, (num_examples,), generator=generator)
-        self.generator = generator
+        images = torch.randn(num_examples, shape.channels, shape.image_size,
+                             shape.image_size, generator=generator)
+        labels = torch.randint(0, shape.num_classes, (num_examples,), generator=generator)
+        if self.device.type != "cpu":
+            # Module.to moves parameters in place (the Parameter objects the optimizer holds
+            # stay the same) and the mask buffers with them.
+            model.to(self.device)
+            masked = [(w, m.to(self.device)) for w, m in masked]
+            images, labels = images.to(self.device), labels.to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.model, self.optimizer, self.masked = model, optimizer, masked
+        self.images, self.labels, self.generator = images, labels, generator
         self._torch, self._f = torch, F
         self.losses: list[float] = []
 
@@ -145,7 +155,7 @@ class TorchStep:
         """One train step; returns the loss tensor (not synchronised to a float)."""
         torch = self._torch
         idx = torch.randint(0, self.images.shape[0], (self.shape.batch_size,),
-                            generator=self.generator)
+                            generator=self.generator, device=self.device)
         logits = self.model(self.images[idx])
         loss = self._f.cross_entropy(logits, self.labels[idx])
         self.optimizer.zero_grad(set_to_none=True)
@@ -157,11 +167,17 @@ class TorchStep:
         return loss
 
     def run(self, num_steps: int) -> float:
-        """Takes ``num_steps`` steps; returns their wall time in seconds (eager: synchronous)."""
+        """Takes ``num_steps`` steps; returns their wall time in seconds.
+
+        On the CPU eager steps are synchronous; on CUDA the kernels are queued, so the clock
+        stops only after ``torch.cuda.synchronize()``.
+        """
         start = time.perf_counter()
         loss = None
         for _ in range(num_steps):
             loss = self.step()
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         if loss is not None:
             self.losses.append(float(loss.detach()))
@@ -170,5 +186,6 @@ class TorchStep:
     def describe(self) -> dict[str, Any]:
         """Version, threads and the shape, for the benchmark's JSON."""
         return {"torch_version": self._torch.__version__,
+                "device": str(self.device),
                 "num_threads": self._torch.get_num_threads(),
                 "shape": dataclasses.asdict(self.shape)}
