@@ -392,20 +392,13 @@ class BurdenTracker:
         # Reference capture: at step 0 and at the reference step (scalars per kernel).
         capture = (step == 0) | (step == self.reference_step)
         e = {p: _stat(flat_stats, p, STAT) for p in self.kernels}
-        # kept_sum is computed once and shared by the metric and its reference, so that both
-        # are exactly 1 at the reference step of a dense layer.
-        kept_sum, load_num, w_rms, g_rms = _kernel_sums(self.kernels, e, params, masks,
-                                                        flat_grads)
-
-        def captured(_):
-            out_load, out_rms = {}, {}
-            for p in self.kernels:
-                extra = jnp.where(step == 0, init_pruned[p], jnp.zeros_like(init_pruned[p]))
-                out_load[p] = reference_load(e[p], params[p], masks.get(p), extra, kept_sum[p])
-                out_rms[p] = w_rms[p]
-            return out_load, out_rms
-
-        ref_load, ref_rms = lax.cond(capture, captured, lambda _: (ref_load, ref_rms), None)
+        # The reference candidates are computed every step, in the same grouped pass as the
+        # metrics, and kept only at a capture step: a select, where a lax.cond would cost a
+        # host round trip per step on a GPU (XLA reads a conditional's predicate on the host).
+        load_num, new_ref_load, w_rms, g_rms = _kernel_sums(
+            self.kernels, e, params, masks, flat_grads, init_pruned, step == 0)
+        ref_load = {p: jnp.where(capture, new_ref_load[p], ref_load[p]) for p in self.kernels}
+        ref_rms = {p: jnp.where(capture, w_rms[p], ref_rms[p]) for p in self.kernels}
         ref_at = jnp.where(capture, step, b["reference_step"])
 
         # Every-step metrics, per kernel, then per block.
@@ -468,29 +461,35 @@ class BurdenTracker:
 
 def _kernel_sums(kernels: Sequence[str], e: Mapping[str, jax.Array],
                  params: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
-                 grads: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
-    """Per kernel: :func:`_kept_abs_sums`, :func:`load_numerator`, :func:`kept_rms` of W and
-    :func:`kept_grad_rms`, each computed once per group of same-shape kernels.
+                 grads: Mapping[str, jax.Array], init_pruned: Mapping[str, jax.Array],
+                 first_step: jax.Array) -> tuple[dict[str, jax.Array], ...]:
+    """Per kernel: :func:`load_numerator`, the :func:`reference_load` this step would capture,
+    :func:`kept_rms` of W and :func:`kept_grad_rms`, each computed once per group of
+    same-shape kernels.
 
     q/k/v, out, fc1 and fc2 repeat in every block, so each group is stacked with the kernel as
     a leading axis and the metric functions are vmapped over it: a few operations per group
     instead of per kernel. The every-step metrics are tiny, so their cost on a CPU is the
-    number of operations, not arithmetic (docs/performance.md).
+    number of operations, not arithmetic (docs/performance.md). The numerator and the
+    reference share one Σ_j e_j Σ_i M|W|, so ``load`` is exactly 1 at the reference step of a
+    dense layer. ``init_pruned`` (the dense initial weights a sparse start zeroed) counts in
+    the reference only where ``first_step``.
     """
     groups: dict[tuple, list[str]] = {}
     for p in kernels:
         key = (params[p].shape, params[p].dtype, e[p].shape, p in masks)
         groups.setdefault(key, []).append(p)
 
-    def sums(e_j, w, g, m=None):
+    def sums(e_j, w, g, extra, m=None):
         kept = _kept_abs_sums(e_j, w, m)
-        return kept, load_numerator(e_j, w, m, kept), kept_rms(w, m), kept_grad_rms(g, m)
+        extra = jnp.where(first_step, extra, 0.0)
+        return (load_numerator(e_j, w, m, kept), reference_load(e_j, w, m, extra, kept),
+                kept_rms(w, m), kept_grad_rms(g, m))
 
     out: tuple[dict[str, jax.Array], ...] = ({}, {}, {}, {})
     for (*_, masked), paths in groups.items():
-        stacked = [jnp.stack([tree[p] for p in paths])
-                   for tree in ((e, params, grads, masks) if masked else (e, params, grads))]
-        values = jax.vmap(sums)(*stacked)
+        trees = (e, params, grads, init_pruned) + ((masks,) if masked else ())
+        values = jax.vmap(sums)(*[jnp.stack([tree[p] for p in paths]) for tree in trees])
         for i, p in enumerate(paths):
             for target, value in zip(out, values, strict=True):
                 target[p] = value[i]
