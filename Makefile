@@ -27,4 +27,4 @@ test: install
 	$(PY) -m pytest tests
 
 lint: install
-	$(VENV)/bin/ruff check nbjax tests configs
+	$(VENV)/bin/ruff check nbjax tests configs notebooks
