@@ -57,7 +57,6 @@ pixels); ``--real_data`` loads the config's dataset instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -73,18 +72,20 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
+from nbjax import bench_report, loop, runtime, train
 from nbjax import config as config_lib
 from nbjax import data as data_lib
 from nbjax import flops as flops_lib
-from nbjax import loop, runtime, train
 from nbjax import model as model_lib
 from nbjax import sharding as sharding_lib
-from nbjax.pruning import Pruner
-from nbjax.pruning.base import drop_end_step, schedule_steps
+from nbjax.bench_variants import (
+    DEFAULT_VARIANTS,
+    Variant,
+    first_update_step,
+    unmasked_pruner,
+    variant_config,
+)
 
-DEFAULT_VARIANTS = ("plain_jax", "dense", "gmp", "rigl", "gmp+burden", "rigl+burden",
-                    "gmp+burden+tome")
-FLAGS_OF_VARIANT = ("burden", "tome", "bf16")
 # Dense peak FLOP/s by compute dtype, matched in order against ``device.device_kind``.
 # fp32 matmuls on A100/H100 run as TF32 (XLA's default precision), on TPU as bf16 passes.
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -113,72 +114,6 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     for key, peaks in PEAK_FLOPS:
         if key.lower() in device_kind.lower():
             return peaks.get(dtype)
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One benchmark variant, parsed from its name (see the module docstring)."""
-
-    name: str
-    head: str  # 'plain_jax', 'dense' or a pruning method
-    burden: bool = False
-    tome: bool = False
-    bf16: bool = False
-
-    @staticmethod
-    def parse(name: str) -> Variant:
-        """``'rigl+burden+tome'`` -> Variant(head='rigl', burden=True, tome=True)."""
-        head, *rest = name.strip().split("+")
-        heads = ("plain_jax", "dense", *config_lib.PRUNING_METHODS)
-        if head not in heads:
-            raise ValueError(f"variant {name!r}: {head!r} is not one of {list(heads)}")
-        unknown = [f for f in rest if f not in FLAGS_OF_VARIANT]
-        if unknown:
-            raise ValueError(f"variant {name!r}: unknown part(s) {unknown}; allowed: "
-                             f"{list(FLAGS_OF_VARIANT)}")
-        if head == "plain_jax" and set(rest) - {"bf16"}:
-            raise ValueError(f"variant {name!r}: plain_jax takes only +bf16")
-        return Variant(name.strip(), head, "burden" in rest, "tome" in rest, "bf16" in rest)
-
-    @property
-    def masked(self) -> bool:
-        """Whether the variant's state holds masks."""
-        return self.head not in ("plain_jax", "dense")
-
-
-def unmasked_pruner() -> Any:
-    """A pruner with no masks and no pruning state: nbjax's step with nothing masked."""
-    return Pruner("unmasked", persistent=False, init=lambda params, rng: ({}, {}),
-                  update=lambda ctx: ctx)
-
-
-def variant_config(base: Any, variant: Variant) -> Any:
-    """A locked copy of ``base`` set up for ``variant``."""
-    config = ml_collections.ConfigDict(base.to_dict())
-    config.pruning.method = "none" if variant.head in ("plain_jax", "dense") else variant.head
-    config.burden.enabled = variant.burden
-    tm = config.mitigation.token_merging
-    if not variant.tome:
-        tm.mode = "off"
-    elif tm.mode == "off":
-        tm.mode, tm.keep_ratio, tm.r = "single_pass", 0.5, 0
-    if variant.bf16:
-        config.model.dtype = "bfloat16"
-    if variant.head in ("static", "none"):
-        config.mitigation.persistent = False
-    config.train.progress = False
-    return config_lib.lock(config)
-
-
-def first_update_step(config: Any, total_steps: int) -> int | None:
-    """The first step whose mask update the method does (None: the mask never changes)."""
-    method = config.pruning.method
-    if method in ("gmp", "pdwp"):
-        return schedule_steps(config, total_steps)[0]
-    if method in ("set", "rigl"):
-        every = int(config.pruning.update_every)
-        return every if every < drop_end_step(config, total_steps) else None
     return None
 
 
@@ -555,82 +490,11 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "model_dtype": config.model.dtype,
         "variants": results,
-        "ratios": ratios(results, torch_result),
+        "ratios": bench_report.ratios(results, torch_result),
         "torch": torch_result,
     }
-    print_fn(format_table(out))
+    print_fn(bench_report.format_table(out))
     return out
-
-
-def ratios(results: dict[str, dict[str, Any]], torch_result: dict[str, Any] | None
-           ) -> dict[str, float]:
-    """Step time of each variant over ``dense`` (and ``plain_jax``), img/s over torch's."""
-    out: dict[str, float] = {}
-    for ref in ("dense", "plain_jax"):
-        if ref in results:
-            for name, r in results.items():
-                if name != ref:
-                    out[f"{name}/{ref}"] = r["step_s"] / results[ref]["step_s"]
-    if torch_result and "img_s" in torch_result:
-        for name, r in results.items():
-            out[f"{name}_vs_torch_img_s"] = r["img_s"] / torch_result["img_s"]
-    return out
-
-
-def format_table(out: dict[str, Any]) -> str:
-    """The human-readable table of :func:`run_bench`'s results."""
-    rows = [f"{out['platform']} ({out['device_kind']}) x{out['num_devices']}, batch "
-            f"{out['batch_size']}, {out['steps_per_call']} steps/call, {out['steps']} timed "
-            f"steps, load average {out['load_average']['start'][0]:.2f} -> "
-            f"{out['load_average']['end'][0]:.2f}, dtype {out['model_dtype']}"]
-    head = (f"{'variant':<22}{'compile s':>10}{'step ms':>9}{'img/s':>8}{'GFLOP/step':>11}"
-            f"{'GFLOP/s':>9}{'MFU':>7}{'vs dense':>9}{'upd. window':>12}")
-    rows.append(head)
-    dense = out["variants"].get("dense")
-    entries = list(out["variants"].items())
-    if out["torch"] and "img_s" in out["torch"]:
-        entries.append(("torch_eager", out["torch"]))
-
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    for name, r in entries:
-        mflops = r.get("model_flops_per_step")
-        rows.append(
-            f"{name:<22}{num(r.get('compile_s'), '.2f'):>10}{1e3 * r['step_s']:>9.2f}"
-            f"{r['img_s']:>8.0f}{num(mflops and mflops / 1e9, '.3f'):>11}"
-            f"{num(r.get('model_flops_per_s') and r['model_flops_per_s'] / 1e9, '.1f'):>9}"
-            f"{num(r.get('mfu') and 100 * r['mfu'], '.1f'):>7}"
-            f"{num(dense and r['step_s'] / dense['step_s'], '.3f'):>9}"
-            f"{num((r.get('update') or {}).get('window_ratio'), '.3f'):>12}")
-    rows.append("step ms: median per step of the calls without a mask update; GFLOP: model "
-                "FLOPs (3x the dense forward); upd. window: average step time over a ΔT window "
-                "with its mask update / plain masked step")
-    rows.extend(target_lines(out))
-    return "\n".join(rows)
-
-
-def target_lines(out: dict[str, Any]) -> list[str]:
-    """The issue's targets, checked on these figures (a line each, where they apply)."""
-    lines = []
-    variants = out["variants"]
-    dense = variants.get("dense")
-    torch_img_s = (out.get("torch") or {}).get("img_s")
-    for name, r in variants.items():
-        v = Variant.parse(name)
-        if v.masked and v.burden and not v.tome and dense:
-            ratio = r["step_s"] / dense["step_s"]
-            lines.append(f"target: {name} / dense = {ratio:.3f} (<= 1.10: "
-                         f"{'met' if ratio <= 1.10 else 'NOT met'})")
-            if torch_img_s:
-                met = "met" if r["img_s"] > torch_img_s else "NOT met"
-                lines.append(f"target: {name} {r['img_s']:.0f} img/s vs torch eager "
-                             f"{torch_img_s:.0f} img/s ({met})")
-        window = (r.get("update") or {}).get("window_ratio")
-        if window is not None:
-            lines.append(f"target: {name} mask-update window / plain step = {window:.3f} "
-                         f"(<= 1.15: {'met' if window <= 1.15 else 'NOT met'})")
-    return lines
 
 
 def main(argv: list[str]) -> None:
@@ -649,16 +513,8 @@ def main(argv: list[str]) -> None:
                     torch_threads=f.torch_threads,
                     config_path=f["config"].config_filename, overrides=overrides)
     if f.json:
-        write_json(out, f.json)
+        bench_report.write_json(out, f.json)
         print(f"wrote {f.json}")
-
-
-def write_json(out: dict[str, Any], path: str) -> None:
-    """Writes the results as indented JSON (atomically: a temporary file, then a rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def _define_flags() -> None:

@@ -134,7 +134,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     """Loads data, builds model, optimizer, pruner and state, and jits the steps.
 
     ``pruner`` replaces the method ``config.pruning`` names (the benchmark's unmasked
-    reference, :func:`nbjax.bench.unmasked_pruner`, has no masks at all).
+    reference, :func:`nbjax.bench_variants.unmasked_pruner`, has no masks at all).
     """
     config_lib.validate(config)
     dataset = data_lib.load_dataset(config.data) if dataset is None else dataset

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import smoke_config, smoke_dataset
 
-from nbjax import bench, bench_torch, loop
+from nbjax import bench, bench_report, bench_torch, bench_variants, loop
 from nbjax import model as model_lib
 from nbjax.sharding import make_mesh
 
@@ -68,42 +68,63 @@ def test_run_bench_in_process_plain_jax_and_masked():
 
 
 def test_variant_names_parse_and_reject_typos():
-    v = bench.Variant.parse("rigl+burden+tome")
+    v = bench_variants.Variant.parse("rigl+burden+tome")
     assert (v.head, v.burden, v.tome, v.bf16, v.masked) == ("rigl", True, True, False, True)
-    assert not bench.Variant.parse("dense").masked
+    assert not bench_variants.Variant.parse("dense").masked
     for bad in ("rigel", "gmp+burdn", "plain_jax+burden"):
         with pytest.raises(ValueError):
-            bench.Variant.parse(bad)
+            bench_variants.Variant.parse(bad)
 
 
 def test_variant_configs():
     base = smoke_config()
-    dense = bench.variant_config(base, bench.Variant.parse("dense"))
+    dense = bench_variants.variant_config(base, bench_variants.Variant.parse("dense"))
     assert dense.pruning.method == "none" and not dense.burden.enabled
     assert dense.mitigation.token_merging.mode == "off"
-    full = bench.variant_config(base, bench.Variant.parse("gmp+burden+tome+bf16"))
+    full = bench_variants.variant_config(base, bench_variants.Variant.parse("gmp+burden+tome+bf16"))
     assert full.pruning.method == "gmp" and full.burden.enabled
     assert full.mitigation.token_merging.mode == "single_pass"
     assert full.model.dtype == "bfloat16"
 
 
 def test_unmasked_variant_has_no_masks():
-    config = bench.variant_config(smoke_config(), bench.Variant.parse("dense"))
+    config = bench_variants.variant_config(smoke_config(), bench_variants.Variant.parse("dense"))
     run = loop.build(config, smoke_dataset(), mesh=make_mesh(jax.devices()[:1]),
-                     pruner=bench.unmasked_pruner())
+                     pruner=bench_variants.unmasked_pruner())
     assert run.state.masks == {} and run.state.pruning == {}
 
 
 def test_first_update_step_and_peak_table():
     config = smoke_config(**{"pruning.method": "gmp"})
-    assert bench.first_update_step(config, 40) == 4  # start_frac 0.1 of 40 steps
-    assert bench.first_update_step(smoke_config(**{"pruning.method": "rigl"}), 40) == 4
-    assert bench.first_update_step(smoke_config(), 40) is None
+    assert bench_variants.first_update_step(config, 40) == 4  # start_frac 0.1 of 40 steps
+    assert bench_variants.first_update_step(smoke_config(**{"pruning.method": "rigl"}), 40) == 4
+    assert bench_variants.first_update_step(smoke_config(), 40) is None
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert bench.peak_flops("TPU v5 lite", "float32") == 197e12
     assert bench.peak_flops("cpu", "float32") is None
     assert bench.scan_flops_factor() in (1, 2)
+
+
+def _result(step_ms: float, window: float | None = None) -> dict:
+    update = None if window is None else {"window_ratio": window}
+    return {"step_s": step_ms / 1e3, "img_s": 128 / (step_ms / 1e3), "update": update}
+
+
+def test_report_ratios_and_targets_compare_like_with_like():
+    variants = {"dense": _result(20.0), "dense+bf16": _result(10.0),
+                "gmp+burden": _result(23.0, 1.05), "gmp+burden+bf16": _result(10.5, 1.20)}
+    out = {"variants": variants, "torch": {"step_s": 0.025, "img_s": 128 / 0.025}}
+    ratios = bench_report.ratios(variants, out["torch"])
+    assert ratios["gmp+burden/dense"] == pytest.approx(1.15)
+    assert ratios["gmp+burden_vs_torch_img_s"] == pytest.approx(25 / 23)
+    lines = bench_report.target_lines(out)
+    # bf16 is held to the bf16 dense step, not the float32 one (10.5 / 10 = 1.05, met)
+    assert "target: gmp+burden / dense = 1.150 (<= 1.10: NOT met)" in lines
+    assert "target: gmp+burden+bf16 / dense+bf16 = 1.050 (<= 1.10: met)" in lines
+    assert "target: gmp+burden+bf16 mask-update window / plain step = 1.200 (<= 1.15: NOT met)" \
+        in lines
+    assert "target: gmp+burden 5565 img/s vs torch eager 5120 img/s (met)" in lines
 
 
 @pytest.mark.skipif(not bench_torch.available(), reason="torch is not installed")

@@ -1,0 +1,93 @@
+"""The benchmark's report: ratios, the printed table, the issue's targets and the JSON file.
+
+:func:`nbjax.bench.run_bench` returns one JSON-able dict; everything here reads only that
+dict, so a saved ``--json`` file can be re-printed or compared without re-running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from nbjax.bench_variants import Variant
+
+
+def ratios(results: dict[str, dict[str, Any]], torch_result: dict[str, Any] | None
+           ) -> dict[str, float]:
+    """Step time of each variant over ``dense`` (and ``plain_jax``), img/s over torch's."""
+    out: dict[str, float] = {}
+    for ref in ("dense", "plain_jax"):
+        if ref in results:
+            for name, r in results.items():
+                if name != ref:
+                    out[f"{name}/{ref}"] = r["step_s"] / results[ref]["step_s"]
+    if torch_result and "img_s" in torch_result:
+        for name, r in results.items():
+            out[f"{name}_vs_torch_img_s"] = r["img_s"] / torch_result["img_s"]
+    return out
+
+
+def format_table(out: dict[str, Any]) -> str:
+    """The human-readable table of :func:`run_bench`'s results."""
+    rows = [f"{out['platform']} ({out['device_kind']}) x{out['num_devices']}, batch "
+            f"{out['batch_size']}, {out['steps_per_call']} steps/call, {out['steps']} timed "
+            f"steps, load average {out['load_average']['start'][0]:.2f} -> "
+            f"{out['load_average']['end'][0]:.2f}, dtype {out['model_dtype']}"]
+    head = (f"{'variant':<22}{'compile s':>10}{'step ms':>9}{'img/s':>8}{'GFLOP/step':>11}"
+            f"{'GFLOP/s':>9}{'MFU':>7}{'vs dense':>9}{'upd. window':>12}")
+    rows.append(head)
+    dense = out["variants"].get("dense")
+    entries = list(out["variants"].items())
+    if out["torch"] and "img_s" in out["torch"]:
+        entries.append(("torch_eager", out["torch"]))
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for name, r in entries:
+        mflops = r.get("model_flops_per_step")
+        rows.append(
+            f"{name:<22}{num(r.get('compile_s'), '.2f'):>10}{1e3 * r['step_s']:>9.2f}"
+            f"{r['img_s']:>8.0f}{num(mflops and mflops / 1e9, '.3f'):>11}"
+            f"{num(r.get('model_flops_per_s') and r['model_flops_per_s'] / 1e9, '.1f'):>9}"
+            f"{num(r.get('mfu') and 100 * r['mfu'], '.1f'):>7}"
+            f"{num(dense and r['step_s'] / dense['step_s'], '.3f'):>9}"
+            f"{num((r.get('update') or {}).get('window_ratio'), '.3f'):>12}")
+    rows.append("step ms: median per step of the calls without a mask update; GFLOP: model "
+                "FLOPs (3x the dense forward); upd. window: average step time over a ΔT window "
+                "with its mask update / plain masked step")
+    rows.extend(target_lines(out))
+    return "\n".join(rows)
+
+
+def target_lines(out: dict[str, Any]) -> list[str]:
+    """The issue's targets, checked on these figures (a line each, where they apply)."""
+    lines = []
+    variants = out["variants"]
+    torch_img_s = (out.get("torch") or {}).get("img_s")
+    for name, r in variants.items():
+        v = Variant.parse(name)
+        reference = "dense+bf16" if v.bf16 else "dense"  # the same compute dtype
+        dense = variants.get(reference)
+        if v.masked and v.burden and not v.tome and dense:
+            ratio = r["step_s"] / dense["step_s"]
+            lines.append(f"target: {name} / {reference} = {ratio:.3f} (<= 1.10: "
+                         f"{'met' if ratio <= 1.10 else 'NOT met'})")
+            if torch_img_s:
+                met = "met" if r["img_s"] > torch_img_s else "NOT met"
+                lines.append(f"target: {name} {r['img_s']:.0f} img/s vs torch eager "
+                             f"{torch_img_s:.0f} img/s ({met})")
+        window = (r.get("update") or {}).get("window_ratio")
+        if window is not None:
+            lines.append(f"target: {name} mask-update window / plain step = {window:.3f} "
+                         f"(<= 1.15: {'met' if window <= 1.15 else 'NOT met'})")
+    return lines
+
+
+def write_json(out: dict[str, Any], path: str) -> None:
+    """Writes the results as indented JSON (atomically: a temporary file, then a rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=2)
+    os.replace(tmp, path)
