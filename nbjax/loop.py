@@ -20,14 +20,13 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from nbjax import burden as burden_lib
+from nbjax import burden_tracker, train
 from nbjax import checkpoint as checkpoint_lib
 from nbjax import config as config_lib
 from nbjax import data as data_lib
 from nbjax import flops as flops_lib
 from nbjax import model as model_lib
 from nbjax import sharding as sharding_lib
-from nbjax import train
 from nbjax.pruning import Pruner, make_pruner
 
 
@@ -154,7 +153,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     pruner = make_pruner(config, steps) if pruner is None else pruner
     lr_fn = train.learning_rate_fn(config, steps)
     # The burden metrics (docs/burden.md): off, the model collects no statistics either.
-    tracker = burden_lib.make_tracker(config, model, pruner.persistent, steps,
+    tracker = burden_tracker.make_tracker(config, model, pruner.persistent, steps,
                                       dataset.image_shape) if config.burden.enabled else None
 
     def init() -> train.TrainState:

@@ -116,7 +116,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     the model saw it, ``pre_prune_params`` the params after the optimizer update and before
     the mask update (the weights a non-persistent update is about to zero still hold their
     values), ``prune_metrics`` the pruning method's metrics of the step
-    (:class:`nbjax.burden.BurdenTracker`).
+    (:class:`nbjax.burden_tracker.BurdenTracker`).
     """
     augment_kind, pad, pad_mode = (config.data.augment, config.data.augment_pad,
                                    config.data.augment_pad_mode)

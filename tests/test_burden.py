@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import one_device_mesh, smoke_config, smoke_dataset
 
-from nbjax import burden, checkpoint, loop, report, train
+from nbjax import burden, burden_tracker, checkpoint, loop, report, train
 from nbjax import masks as masks_lib
 from nbjax import model as model_lib
 from nbjax.pruning import Pruner
@@ -49,7 +49,7 @@ def test_load_is_exactly_one_at_reference_and_above_one_after_magnitude_pruning(
     ref = burden.reference_load(e, w)
     assert float(burden.load(e, w, None, ref)) == 1.0
     ones = jnp.ones(w.shape, bool)
-    kept_sum = burden._kept_abs_sums(e, w, ones)
+    kept_sum = burden.kept_abs_sums(e, w, ones)
     ref_ones = burden.reference_load(e, w, ones, kept_sum=kept_sum)
     assert float(burden.load(e, w, ones, ref_ones, kept_sum)) == 1.0  # bit for bit
     # Magnitude pruning to 50 % keeps the largest |W|: the mean signal per survivor rises.
@@ -212,7 +212,7 @@ def run_with_pruner(config, pruner, reference, num_calls):
     model = model_lib.build_model(config, ds.num_classes)
     tx = train.make_optimizer(config, steps)
     tracker = dataclasses.replace(
-        burden.make_tracker(config, model, pruner.persistent, steps, ds.image_shape),
+        burden_tracker.make_tracker(config, model, pruner.persistent, steps, ds.image_shape),
         reference_step=reference)
     state = train.init_state(model, tx, pruner, ds.image_shape, config.seed,
                              burden_init=tracker.init)
