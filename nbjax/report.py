@@ -190,59 +190,48 @@ def plot_block_metric(runs: Sequence[RunLog], metric: str, path: str, title: str
     return _save(fig, path)
 
 
+def _plot_block_grid(runs: Sequence[RunLog], metrics: Sequence[str], path: str, title: str,
+                     y_from_zero: bool = False) -> str | None:
+    """One row per logged metric of ``metrics``, one column per block, runs overlaid."""
+    metrics = [m for m in metrics if block_names(runs, m)]
+    if not metrics:
+        return None
+    blocks = block_names(runs, metrics[0])
+    colors = _colors(runs)
+    fig, axes = _grid(len(metrics), len(blocks))
+    for row, metric in enumerate(metrics):
+        for col, block in enumerate(blocks):
+            ax = axes[row, col]
+            _plot_runs(ax, runs, colors, lambda r, m=metric, b=block: r.series(f"{B}/{m}/{b}"))
+            if y_from_zero:
+                ax.set_ylim(-0.02, None)
+            if row == 0:
+                ax.set_title(block)
+            if col == 0:
+                ax.set_ylabel(metric)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("step")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_unit_fractions(runs: Sequence[RunLog], path: str) -> str | None:
     """Dormant and overloaded fractions of the MLP units and attention channels, per block.
 
     Rows: ``dormant_frac``, ``overload_frac``, ``attn_dormant_frac``, ``attn_overload_frac``
     (those logged); columns: blocks; runs overlaid.
     """
-    metrics = [m for m in ("dormant_frac", "overload_frac", "attn_dormant_frac",
-                           "attn_overload_frac") if block_names(runs, m)]
-    if not metrics:
-        return None
-    blocks = block_names(runs, metrics[0])
-    colors = _colors(runs)
-    fig, axes = _grid(len(metrics), len(blocks))
-    for row, metric in enumerate(metrics):
-        for col, block in enumerate(blocks):
-            ax = axes[row, col]
-            _plot_runs(ax, runs, colors, lambda r, m=metric, b=block: r.series(f"{B}/{m}/{b}"))
-            ax.set_ylim(-0.02, None)
-            if row == 0:
-                ax.set_title(block)
-            if col == 0:
-                ax.set_ylabel(metric)
-            if row == len(metrics) - 1:
-                ax.set_xlabel("step")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Dormant (a/mean ≤ τ) and overloaded (a/mean ≥ κ) units")
-    return _save(fig, path)
+    return _plot_block_grid(
+        runs, ("dormant_frac", "overload_frac", "attn_dormant_frac", "attn_overload_frac"),
+        path, "Dormant (a/mean ≤ τ) and overloaded (a/mean ≥ κ) units", y_from_zero=True)
 
 
 def plot_survivors(runs: Sequence[RunLog], path: str) -> str | None:
     """The survivors: ``kept_weight_rms``, ``kept_grad_rms`` and ``pruned_signal`` per block."""
-    metrics = [m for m in ("kept_weight_rms", "kept_grad_rms", "pruned_signal")
-               if block_names(runs, m)]
-    if not metrics:
-        return None
-    blocks = block_names(runs, metrics[0])
-    colors = _colors(runs)
-    fig, axes = _grid(len(metrics), len(blocks))
-    for row, metric in enumerate(metrics):
-        for col, block in enumerate(blocks):
-            ax = axes[row, col]
-            _plot_runs(ax, runs, colors, lambda r, m=metric, b=block: r.series(f"{B}/{m}/{b}"))
-            if row == 0:
-                ax.set_title(block)
-            if col == 0:
-                ax.set_ylabel(metric)
-            if row == len(metrics) - 1:
-                ax.set_xlabel("step")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Survivors: kept-weight rms (rel. to reference), kept-gradient rms, "
-                 "pruned signal")
-    return _save(fig, path)
-
+    return _plot_block_grid(
+        runs, ("kept_weight_rms", "kept_grad_rms", "pruned_signal"), path,
+        "Survivors: kept-weight rms (rel. to reference), kept-gradient rms, pruned signal")
 
 def plot_sparsity_accuracy(runs: Sequence[RunLog], path: str) -> str:
     """Sparsity, train accuracy and test accuracy against the step, runs overlaid."""
