@@ -50,8 +50,12 @@ class TorchShape:
     weight_decay: float = 0.05
 
 
-def _build(shape: TorchShape, seed: int) -> tuple[Any, Any, list[tuple[Any, Any]]]:
-    """(model, optimizer, [(weight, mask)]) for ``shape``."""
+def _build(shape: TorchShape, seed: int, device: str = "cpu"
+           ) -> tuple[Any, Any, list[tuple[Any, Any]]]:
+    """(model, optimizer, [(weight, mask)]) for ``shape``, on ``device``.
+
+    The weights and masks are drawn on the CPU, so every device starts from the same ones.
+    """
     import torch
     import torch.nn.functional as F  # noqa: N812
     from torch import nn
@@ -110,7 +114,7 @@ def _build(shape: TorchShape, seed: int) -> tuple[Any, Any, list[tuple[Any, Any]
                 x = block(x)
             return self.head(self.ln(x)[:, 0])
 
-    model = ViT()
+    model = ViT().to(device)
     decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim == 2]
     rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.ndim == 2)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": shape.weight_decay},
@@ -134,20 +138,15 @@ class TorchStep:
 
         self.shape = shape
         self.device = torch.device(device)
-        model, optimizer, masked = _build(shape, seed)
+        self.model, self.optimizer, self.masked = _build(shape, seed, device)
         generator = torch.Generator().manual_seed(seed)
         images = torch.randn(num_examples, shape.channels, shape.image_size,
                              shape.image_size, generator=generator)
         labels = torch.randint(0, shape.num_classes, (num_examples,), generator=generator)
-        if self.device.type != "cpu":
-            # Module.to moves parameters in place (the Parameter objects the optimizer holds
-            # stay the same) and the mask buffers with them.
-            model.to(self.device)
-            masked = [(w, m.to(self.device)) for w, m in masked]
-            images, labels = images.to(self.device), labels.to(self.device)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.model, self.optimizer, self.masked = model, optimizer, masked
-        self.images, self.labels, self.generator = images, labels, generator
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        # The batch indices are drawn where the data lives.
+        self.generator = (generator if self.device.type == "cpu"
+                          else torch.Generator(device=self.device).manual_seed(seed))
         self._torch, self._f = torch, F
         self.losses: list[float] = []
 
