@@ -81,7 +81,6 @@ from nbjax import sharding as sharding_lib
 from nbjax.bench_variants import (
     DEFAULT_VARIANTS,
     Variant,
-    first_update_step,
     unmasked_pruner,
     variant_config,
 )
@@ -292,7 +291,7 @@ def _prepare_nbjax(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup:
             "model_flops_per_step": 3 * fwd * batch if fwd else None,
             "memory": _memory(compiled), "num_devices": n, "_peak": peak}
 
-    first = first_update_step(config, run.total_steps)
+    first = run.pruner.first_update
     update_every = run.pruner.update_every if first is not None else None
     start = max(0, first - (warmup + 2) * k) if first is not None else 0
     repl = sharding_lib.replicated(mesh)

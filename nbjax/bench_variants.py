@@ -14,7 +14,6 @@ import ml_collections
 
 from nbjax import config as config_lib
 from nbjax.pruning import Pruner
-from nbjax.pruning.base import drop_end_step, schedule_steps
 
 DEFAULT_VARIANTS = ("plain_jax", "dense", "gmp", "rigl", "gmp+burden", "rigl+burden",
                     "gmp+burden+tome")
@@ -74,14 +73,3 @@ def variant_config(base: Any, variant: Variant) -> Any:
         config.mitigation.persistent = False
     config.train.progress = False
     return config_lib.lock(config)
-
-
-def first_update_step(config: Any, total_steps: int) -> int | None:
-    """The first step whose mask update the method does (None: the mask never changes)."""
-    method = config.pruning.method
-    if method in ("gmp", "pdwp"):
-        return schedule_steps(config, total_steps)[0]
-    if method in ("set", "rigl"):
-        every = int(config.pruning.update_every)
-        return every if every < drop_end_step(config, total_steps) else None
-    return None

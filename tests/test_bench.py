@@ -18,6 +18,7 @@ from helpers import smoke_config, smoke_dataset
 
 from nbjax import bench, bench_report, bench_torch, bench_variants, loop
 from nbjax import model as model_lib
+from nbjax.pruning import make_pruner
 from nbjax.sharding import make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -95,10 +96,10 @@ def test_unmasked_variant_has_no_masks():
 
 
 def test_first_update_step_and_peak_table():
-    config = smoke_config(**{"pruning.method": "gmp"})
-    assert bench_variants.first_update_step(config, 40) == 4  # start_frac 0.1 of 40 steps
-    assert bench_variants.first_update_step(smoke_config(**{"pruning.method": "rigl"}), 40) == 4
-    assert bench_variants.first_update_step(smoke_config(), 40) is None
+    first = lambda config: make_pruner(config, 40).first_update
+    assert first(smoke_config(**{"pruning.method": "gmp"})) == 4  # start_frac 0.1 of 40 steps
+    assert first(smoke_config(**{"pruning.method": "rigl"})) == 4
+    assert first(smoke_config()) is None
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert bench.peak_flops("TPU v5 lite", "float32") == 197e12

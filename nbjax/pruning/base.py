@@ -49,14 +49,16 @@ class PruneContext:
 
 @dataclasses.dataclass(frozen=True)
 class Pruner:
-    """A pruning method: its name, whether it is persistent, its two functions, and the
-    interval of its mask updates (steps; None for a method whose mask never changes)."""
+    """A pruning method: its name, whether it is persistent, its two functions, and when its
+    mask updates happen: the step of the first one (``first_update``, None when the mask
+    never changes during the run) and the interval between them (``update_every``)."""
 
     name: str
     persistent: bool
     init: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]]
     update: Callable[[PruneContext], PruneContext]
     update_every: int | None = None
+    first_update: int | None = None
 
 
 _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict, int], Pruner]] = {}

@@ -98,7 +98,8 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
         return {f"{common.PREFIX}/drop_fraction": jnp.asarray(fraction(ctx.step), jnp.float32)}
 
     update = common.make_update(is_update, rule, persistent=persistent, extra_metrics=extra)
-    return Pruner(name, persistent=persistent, init=init, update=update, update_every=every)
+    return Pruner(name, persistent=persistent, init=init, update=update, update_every=every,
+                  first_update=every if every < t_end else None)
 
 
 @register("set")

@@ -120,7 +120,7 @@ def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
 
     update = common.make_update(is_update, rule, persistent=persistent)
     return Pruner(name, persistent=persistent, init=init, update=update,
-                  update_every=rerank_every)
+                  update_every=rerank_every, first_update=t0)
 
 
 @register("gmp")
