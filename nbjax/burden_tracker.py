@@ -41,6 +41,7 @@ from nbjax.burden import (
 
 PyTree = Any
 
+
 def _group(path: str) -> str:
     """The block a kernel belongs to: ``'block_2/attn/query/kernel'`` -> ``'block_2'``."""
     return path.split("/")[0]

@@ -7,7 +7,7 @@
 # Each bench run is bounded by `timeout` so that one slow compile cannot eat the others.
 # Where nbjax's dependencies are not installed (a bare accelerator image), put their wheels
 # in .whl/ first; they are installed into /tmp/site without touching the system packages.
-set -u
+set -uo pipefail
 out=${1:?usage: scripts/device_bench.sh OUTDIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -23,7 +23,6 @@ nvidia-smi -L 2>/dev/null
 bench() {  # bench SECONDS NAME ARGS...
   local limit=$1 name=$2; shift 2
   echo "=== $name: python -m nbjax.bench $*"
-  set -o pipefail
   timeout "$limit" "$py" -m nbjax.bench --json "$out/$name.json" "$@" 2>&1 \
     | grep -v "^[IW][0-9]\{4\} " | tee "$out/$name.txt"
 }
