@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from nbjax import data
+from nbjax import data, sharding
 
 PRUNING_METHODS = ("none", "gmp", "set", "rigl", "static", "pdwp")
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "pruning.scope": ("layerwise", "global"),
     "mitigation.token_merging.mode": ("off", "single_pass", "every_layer"),
     "sharding.mode": ("replicated", "fsdp"),
+    "sharding.grad_reduce": sharding.GRAD_REDUCE_MODES,
 }
 
 
@@ -107,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding = ml_collections.ConfigDict()
     c.sharding.mode = "replicated"
     c.sharding.fsdp_min_size = 2**18  # fsdp: shard state leaves with at least this many entries
+    # How the gradient is summed over the batch shards: 'flat' (one buffer, shard_map),
+    # 'compiler' (XLA's all-reduces), 'auto' (flat on a CPU host: nbjax.sharding.flat_grad_reduce)
+    c.sharding.grad_reduce = "auto"
     return c
 
 

@@ -166,7 +166,8 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
                                              config.sharding.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()
     step = train.make_train_step(config, model, tx, pruner, dataset.num_classes,
-                                 dataset.mean, dataset.std, burden_fn=tracker, lr_fn=lr_fn)
+                                 dataset.mean, dataset.std, burden_fn=tracker, lr_fn=lr_fn,
+                                 mesh=mesh)
     repl = sharding_lib.replicated(mesh)
     train_chunk = jax.jit(train.make_multi_step(step), donate_argnums=0,
                           out_shardings=(shardings, repl))

@@ -27,6 +27,9 @@ from nbjax import tome
 from nbjax.burden import input_abs_mean
 
 MASK_MODES = ("multiply", "straight_through")
+# The sown statistics that are a maximum over the batch; every other one is a mean over it
+# (what a data-parallel step needs to know to combine the shards' values).
+MAX_STATS = ("max_token_size",)
 
 
 def _masked(kernel: jax.Array, mask: jax.Array | None, mode: str) -> jax.Array:

@@ -22,6 +22,7 @@ import optax
 from nbjax import data
 from nbjax import masks as masks_lib
 from nbjax import model as model_lib
+from nbjax import sharding as sharding_lib
 from nbjax.pruning import PruneContext, Pruner
 
 PyTree = Any
@@ -107,7 +108,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, pruner: Pruner, num_classes: int,
                     mean: tuple[float, ...], std: tuple[float, ...],
                     burden_fn: BurdenFn | None = None,
-                    lr_fn: optax.Schedule | None = None) -> Callable:
+                    lr_fn: optax.Schedule | None = None, mesh: Any = None) -> Callable:
     """One train step ``(state, images_u8, labels, idx[B]) -> (state, metrics)``, not jitted.
 
     ``burden_fn(state_before, state_after, grads, stats, *, images, pre_prune_params,
@@ -117,6 +118,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     the mask update (the weights a non-persistent update is about to zero still hold their
     values), ``prune_metrics`` the pruning method's metrics of the step
     (:class:`nbjax.burden_tracker.BurdenTracker`).
+
+    ``mesh``: where :func:`nbjax.sharding.flat_grad_reduce` says so, the loss and gradient are
+    computed per batch shard and summed as one flat buffer (:func:`sharded_loss_and_grad`);
+    otherwise (and without a mesh) the step is written as for one device.
     """
     augment_kind, pad, pad_mode = (config.data.augment, config.data.augment_pad,
                                    config.data.augment_pad_mode)
@@ -127,14 +132,18 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         loss = cross_entropy(logits, labels, num_classes, smoothing)
         return loss, (logits, aux.get("stats", {}))
 
+    loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if mesh is not None and sharding_lib.flat_grad_reduce(config, mesh):
+        loss_and_grad = sharded_loss_and_grad(loss_and_grad, mesh)
+
     def step(state: TrainState, images_u8: jax.Array, labels_all: jax.Array, idx: jax.Array):
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, prune_rng = jax.random.split(rng)
         images = data.normalize(images_u8[idx], mean, std)
         images = data.augment(images, aug_rng, augment_kind, pad, pad_mode)
         labels = labels_all[idx]
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.masks, images, labels)
+        (loss, (logits, stats)), grads = loss_and_grad(state.params, state.masks, images,
+                                                       labels)
         # The model's masks are straight-through, so ``grads`` is the dense gradient (RigL
         # regrows by it); a non-persistent method updates only the kept weights.
         update_grads = grads if pruner.persistent else masks_lib.apply_masks(grads, state.masks)
@@ -166,6 +175,38 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         return new_state, metrics
 
     return step
+
+
+def sharded_loss_and_grad(loss_and_grad: Callable, mesh: Any) -> Callable:
+    """``loss_and_grad`` run per batch shard, its results combined with one flat all-reduce.
+
+    ``loss_and_grad(params, masks, images, labels) -> ((loss, (logits, stats)), grads)`` with
+    a mean loss. Each device computes it on its rows of the batch; the loss, the gradient and
+    the model's per-feature statistics (all means over the batch) are averaged over the shards
+    in one :func:`nbjax.sharding.flat_psum`, the ``MAX_STATS`` by ``pmax``; the logits stay
+    split over the batch. The shards are equal, so the result is the global-batch value, as
+    the compiler's partitioning of the same step computes it (only the order of the
+    floating-point sums differs).
+    """
+    axis = sharding_lib.DATA_AXIS
+    shards = mesh.shape[axis]
+
+    def local(params, masks, images, labels):
+        (loss, (logits, stats)), grads = loss_and_grad(params, masks, images, labels)
+        flat = masks_lib.flatten(stats)
+        maxes = {k: v for k, v in flat.items() if k.split("/")[-1] in model_lib.MAX_STATS}
+        means = {k: v for k, v in flat.items() if k not in maxes}
+        loss, grads, means = jax.tree.map(lambda x: x / shards,
+                                          sharding_lib.flat_psum((loss, grads, means), axis))
+        maxes = jax.lax.pmax(maxes, axis)
+        return (loss, (logits, masks_lib.nest({**means, **maxes}))), grads
+
+    batch = jax.sharding.PartitionSpec(axis)
+    whole = jax.sharding.PartitionSpec()
+    # check_vma off: with it, JAX would transpose the replicated params' broadcast into a psum
+    # per gradient leaf, the very all-reduces this function replaces.
+    return jax.shard_map(local, mesh=mesh, in_specs=(whole, whole, batch, batch),
+                         out_specs=((whole, (batch, whole)), whole), check_vma=False)
 
 
 def make_multi_step(step: Callable) -> Callable:

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -65,10 +66,15 @@ class Trained:
     metrics: dict[str, np.ndarray]  # every step's metrics, [STEPS]
 
 
-@functools.lru_cache(maxsize=8)
-def trained(method: str, devices: int, mode: str = "replicated") -> Trained:
-    """STEPS steps of ``method`` on the first ``devices`` devices, compiled once per session."""
+@functools.lru_cache(maxsize=12)
+def trained(method: str, devices: int, mode: str = "replicated",
+            extra: tuple[tuple[str, object], ...] = ()) -> Trained:
+    """STEPS steps of ``method`` on the first ``devices`` devices, compiled once per session.
+
+    ``extra``: more config overrides, as ``(dotted key, value)`` pairs.
+    """
     overrides = {"sharding.mode": mode, "sharding.fsdp_min_size": 256} if mode == "fsdp" else {}
+    overrides.update(extra)
     run = loop.build(method_config(method, **overrides), smoke_dataset(), mesh=mesh_of(devices))
     mid, first = run_calls(run, run.state, 0, STEPS // 2)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=run.state_shardings)(mid)
@@ -130,6 +136,85 @@ def test_masks_and_state_identical_on_every_device(method):
         assert len(shards) == 8, name
         for shard in shards[1:]:
             np.testing.assert_array_equal(shard, shards[0], err_msg=name)
+
+
+COMPILER_REDUCE = (("sharding.grad_reduce", "compiler"),)
+MERGING = (("mitigation.token_merging.mode", "every_layer"), ("mitigation.token_merging.r", 2))
+
+
+def test_flat_gradient_reduce_equals_the_compilers():
+    flat, compiler = trained("gmp", 8), trained("gmp", 8, extra=COMPILER_REDUCE)
+    assert sharding.flat_grad_reduce(flat.run.config, flat.run.mesh)  # the CPU default
+    assert not sharding.flat_grad_reduce(compiler.run.config, compiler.run.mesh)
+    assert_metrics_close(flat.metrics, compiler.metrics)
+    assert_trees_close(flat.final, compiler.final)
+
+
+def test_token_merging_on_eight_devices_equals_one_device():
+    one, eight = trained("none", 1, extra=MERGING), trained("none", 8, extra=MERGING)
+    assert any(k.startswith("tokens/max_size/") for k in eight.metrics)
+    assert_metrics_close(eight.metrics, one.metrics)
+    assert_trees_close(eight.final, one.final)
+
+
+def test_flat_step_sums_its_gradient_in_one_all_reduce_of_one_buffer():
+    config = smoke_config(**{"pruning.method": "gmp", "burden.enabled": False})
+    run = loop.build(config, smoke_dataset(), mesh=mesh_of(8))
+    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
+    idx = loop.train_indices(run, order, 0, config.train.steps_per_call)
+    hlo = run.train_chunk.lower(run.state, run.train_images, run.train_labels,
+                                idx).compile().as_text()
+    reduces = re.findall(r"= (.+?) all-reduce(?:-start)?\(", hlo)
+    assert len(reduces) == 1, reduces
+    operands = re.findall(r"\w+\[[\d,]*\]", reduces[0])
+    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
+    # The gradient and the loss in one buffer; XLA may add the step's accuracy (a scalar mean
+    # over the sharded batch, outside the shard_map) as a second operand. The compiler's own
+    # reduction has one operand per param leaf.
+    assert f"f32[{num_params + 1}]" in operands and len(operands) <= 2, reduces
+
+
+def test_sharded_loss_and_grad_combines_shards_as_the_global_batch():
+    """Means (loss, gradient, statistics) average over the shards, maxima take the max."""
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
+    labels = jnp.arange(16, dtype=jnp.float32)
+    params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+
+    def loss_fn(params, masks, images, labels):
+        logits = images @ params["w"]
+        stats = {"fc": {"in_abs_mean": (jnp.mean(jnp.abs(images), axis=0),)},
+                 "block_0": {"max_token_size": (jnp.max(images),),
+                             "mean_token_size": (jnp.mean(images),)}}
+        return jnp.mean((logits - labels) ** 2), (logits, stats)
+
+    loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    want = loss_and_grad(params, {}, images, labels)
+    mesh = mesh_of(8)
+    got = jax.jit(train.sharded_loss_and_grad(loss_and_grad, mesh))(
+        params, {}, jax.device_put(images, sharding.batch_sharding(mesh)),
+        jax.device_put(labels, sharding.batch_sharding(mesh)))
+    assert float(jnp.max(images)) != float(jnp.max(images[:2]))  # a per-shard max would differ
+    assert_trees_close(got, want)
+
+
+def test_flat_psum_is_the_per_leaf_psum():
+    mesh = mesh_of(8)
+    tree = {"a": jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 2, 3),
+            "b": jnp.arange(8, dtype=jnp.int32).reshape(8, 1), "c": jnp.ones((8,), jnp.float32)}
+    summed = jax.jit(jax.shard_map(sharding.flat_psum, mesh=mesh, in_specs=P(sharding.DATA_AXIS),
+                                   out_specs=P(), check_vma=False))(tree)
+    want = jax.tree.map(lambda x: jnp.sum(x, axis=0, keepdims=True), tree)
+    assert_trees_close(summed, want, exact=True)
+    assert summed["b"].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("mode,devices,state_mode,flat", [
+    ("auto", 8, "replicated", True), ("auto", 1, "replicated", False),
+    ("auto", 8, "fsdp", False), ("compiler", 8, "replicated", False),
+    ("flat", 8, "replicated", True)])
+def test_flat_grad_reduce_choice(mode, devices, state_mode, flat):
+    config = smoke_config(**{"sharding.grad_reduce": mode, "sharding.mode": state_mode})
+    assert sharding.flat_grad_reduce(config, mesh_of(devices)) is flat
 
 
 def test_fsdp_equals_replicated_and_shards_large_leaves():
