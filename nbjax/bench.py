@@ -99,7 +99,8 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("TPU v6 lite", {"bfloat16": 918e12, "float32": 918e12}),
     ("TPU v6e", {"bfloat16": 918e12, "float32": 918e12}),
 )
-JSON_KEYS = ("config", "overrides", "platform", "device_kind", "num_devices", "batch_size",
+JSON_KEYS = ("config", "overrides", "platform", "device_kind", "num_devices", "grad_reduce",
+             "batch_size",
              "steps_per_call", "steps", "load_average", "compilation_cache", "variants",
              "ratios", "torch")
 VARIANT_KEYS = ("name", "compile_s", "lower_s", "xla_compile_s", "cache_hit", "step_s",
@@ -480,6 +481,8 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
         "platform": all_devices[0].platform,
         "device_kind": all_devices[0].device_kind,
         "num_devices": mesh.devices.size,
+        "grad_reduce": ("flat" if sharding_lib.flat_grad_reduce(config, mesh) else "compiler")
+        if mesh.devices.size > 1 else None,
         "batch_size": int(config.train.batch_size),
         "steps_per_call": k,
         "steps": num_calls * k,

@@ -30,7 +30,8 @@ def ratios(results: dict[str, dict[str, Any]], torch_result: dict[str, Any] | No
 
 def format_table(out: dict[str, Any]) -> str:
     """The human-readable table of :func:`run_bench`'s results."""
-    rows = [f"{out['platform']} ({out['device_kind']}) x{out['num_devices']}, batch "
+    reduce = f" ({out['grad_reduce']} gradient all-reduce)" if out.get("grad_reduce") else ""
+    rows = [f"{out['platform']} ({out['device_kind']}) x{out['num_devices']}{reduce}, batch "
             f"{out['batch_size']}, {out['steps_per_call']} steps/call, {out['steps']} timed "
             f"steps, load average {out['load_average']['start'][0]:.2f} -> "
             f"{out['load_average']['end'][0]:.2f}, dtype {out['model_dtype']}"]

@@ -136,11 +136,14 @@ def flat_grad_reduce(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
     ``'auto'``: flat on a CPU mesh of several devices, the compiler's elsewhere (GPU and TPU
     all-reduces are not per-operand bound, and XLA overlaps them with the backward pass).
     Only the replicated state mode takes the flat path: FSDP's gradients are reduce-scattered
-    by the compiler.
+    by the compiler ('flat' with FSDP is an error, 'auto' falls back).
     """
     mode = config.sharding.grad_reduce
     if mode not in GRAD_REDUCE_MODES:
         raise ValueError(f"sharding.grad_reduce={mode!r}; allowed: {list(GRAD_REDUCE_MODES)}")
+    if mode == "flat" and config.sharding.mode != "replicated":
+        raise ValueError("sharding.grad_reduce='flat' needs sharding.mode='replicated' (FSDP's "
+                         "gradients are reduce-scattered by the compiler); use 'auto'")
     if mode == "compiler" or mesh.devices.size == 1 or config.sharding.mode != "replicated":
         return False
     return mode == "flat" or mesh.devices.flat[0].platform == "cpu"

@@ -217,6 +217,12 @@ def test_flat_grad_reduce_choice(mode, devices, state_mode, flat):
     assert sharding.flat_grad_reduce(config, mesh_of(devices)) is flat
 
 
+def test_flat_grad_reduce_refuses_fsdp():
+    config = smoke_config(**{"sharding.grad_reduce": "flat", "sharding.mode": "fsdp"})
+    with pytest.raises(ValueError, match="grad_reduce='flat' needs sharding.mode='replicated'"):
+        sharding.flat_grad_reduce(config, mesh_of(8))
+
+
 def test_fsdp_equals_replicated_and_shards_large_leaves():
     repl, fsdp = trained("none", 8), trained("none", 8, "fsdp")
     assert_metrics_close(fsdp.metrics, repl.metrics)
