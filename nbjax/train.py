@@ -186,7 +186,9 @@ def sharded_loss_and_grad(loss_and_grad: Callable, mesh: Any) -> Callable:
     in one :func:`nbjax.sharding.flat_psum`, the ``MAX_STATS`` by ``pmax``; the logits stay
     split over the batch. The shards are equal, so the result is the global-batch value, as
     the compiler's partitioning of the same step computes it (only the order of the
-    floating-point sums differs).
+    floating-point sums differs). It draws no random numbers (the model has no dropout, and
+    augmentation runs before, on the global batch); a model that did would need a key per
+    shard here.
     """
     axis = sharding_lib.DATA_AXIS
     shards = mesh.shape[axis]
