@@ -75,6 +75,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nbjax.pruning.base import schedule_steps
+
 PyTree = Any
 PREFIX = "burden"
 SCHEDULED_METHODS = ("gmp", "pdwp")  # the methods that start dense and prune on a schedule
@@ -270,12 +272,9 @@ def reference_step(config: ml_collections.ConfigDict, total_steps: int) -> int:
 
     For the schedule-based methods (gmp, pdwp) the step the gradual schedule starts,
     ``pruning.start_frac × total_steps`` rounded as the pruner rounds it
-    (:func:`nbjax.pruning.base.schedule_steps` when it exists); 0 for every other method.
+    (:func:`nbjax.pruning.base.schedule_steps`, the pruner's own computation, so the two
+    never disagree); 0 for every other method.
     """
     if config.pruning.method not in SCHEDULED_METHODS:
         return 0
-    try:  # the pruner's own computation, so the two can never disagree
-        from nbjax.pruning.base import schedule_steps  # type: ignore[attr-defined]
-    except ImportError:
-        return int(round(config.pruning.start_frac * total_steps))
     return int(schedule_steps(config, total_steps)[0])
