@@ -20,6 +20,7 @@ import ml_collections
 from jax import lax
 
 from nbjax import masks as masks_lib
+from nbjax import sharding as sharding_lib
 from nbjax.burden import (
     DENSE_SQ,
     MASK_UPDATED,
@@ -79,6 +80,7 @@ class BurdenTracker:
     every: int
     kappa: float
     tau: float
+    mesh: Any = None  # set: the probe pass runs per batch shard, its sums cross as one buffer
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -176,13 +178,19 @@ class BurdenTracker:
         measure = updated | periodic
         held = masks_lib.flatten(b["pruned_signal"])
 
-        def probe(_):
-            _, aux = self.probe.apply({"params": pre_prune_params, "masks": state_after.masks},
-                                      images, mutable=["stats"])
+        def sums(params, masks, images):
+            _, aux = self.probe.apply({"params": params, "masks": masks}, images,
+                                      mutable=["stats"])
             sown = masks_lib.flatten(aux["stats"])
-            return {p: pruned_signal_from_sums(_stat(sown, p, PRUNED_SQ),
-                                               _stat(sown, p, DENSE_SQ))
+            return {p: (_stat(sown, p, PRUNED_SQ), _stat(sown, p, DENSE_SQ))
                     for p in self.kernels}
+
+        if self.mesh is not None:  # as the step's gradient (nbjax.sharding.flat_grad_reduce)
+            sums = sharding_lib.shard_batch_sums(sums, self.mesh)
+
+        def probe(_):
+            sq = sums(pre_prune_params, state_after.masks, images)
+            return {p: pruned_signal_from_sums(*sq[p]) for p in self.kernels}
 
         signal = lax.cond(measure, probe, lambda _: held, None)
         signal_at = jnp.where(measure, step, b["pruned_signal_step"])
@@ -261,8 +269,13 @@ def _any_flipped(before: Mapping[str, Any], after: Mapping[str, Any]) -> jax.Arr
 
 
 def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent: bool,
-                 total_steps: int, image_shape: tuple[int, ...]) -> BurdenTracker:
-    """The tracker of ``config.burden`` for ``model`` (built with ``collect_stats``)."""
+                 total_steps: int, image_shape: tuple[int, ...],
+                 mesh: Any = None) -> BurdenTracker:
+    """The tracker of ``config.burden`` for ``model`` (built with ``collect_stats``).
+
+    ``mesh``: the run's mesh; where :func:`nbjax.sharding.flat_grad_reduce` holds, the probe
+    pass's per-layer sums are summed over the batch shards as one flat buffer too.
+    """
     if not getattr(model, "collect_stats", False):
         raise ValueError("the burden tracker needs a model built with collect_stats=True "
                          "(config.burden.enabled)")
@@ -282,4 +295,5 @@ def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent
         persistent=bool(persistent),
         reference_step=reference_step(config, total_steps),
         every=int(b.every), kappa=float(b.kappa), tau=float(b.tau),
+        mesh=mesh if mesh is not None and sharding_lib.flat_grad_reduce(config, mesh) else None,
     )

@@ -154,7 +154,8 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     lr_fn = train.learning_rate_fn(config, steps)
     # The burden metrics (docs/burden.md): off, the model collects no statistics either.
     tracker = burden_tracker.make_tracker(config, model, pruner.persistent, steps,
-                                      dataset.image_shape) if config.burden.enabled else None
+                                          dataset.image_shape, mesh=mesh
+                                          ) if config.burden.enabled else None
 
     def init() -> train.TrainState:
         return train.init_state(model, tx, pruner, dataset.image_shape, config.seed,

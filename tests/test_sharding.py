@@ -157,21 +157,39 @@ def test_token_merging_on_eight_devices_equals_one_device():
     assert_trees_close(eight.final, one.final)
 
 
-def test_flat_step_sums_its_gradient_in_one_all_reduce_of_one_buffer():
-    config = smoke_config(**{"pruning.method": "gmp", "burden.enabled": False})
-    run = loop.build(config, smoke_dataset(), mesh=mesh_of(8))
+def _all_reduce_operands(run: loop.Run) -> list[list[str]]:
+    """The operand shapes of every all-reduce in the compiled train call of ``run``."""
+    config = run.config
     order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
     idx = loop.train_indices(run, order, 0, config.train.steps_per_call)
     hlo = run.train_chunk.lower(run.state, run.train_images, run.train_labels,
                                 idx).compile().as_text()
-    reduces = re.findall(r"= (.+?) all-reduce(?:-start)?\(", hlo)
+    return [re.findall(r"\w+\[[\d,]*\]", result)
+            for result in re.findall(r"= (.+?) all-reduce(?:-start)?\(", hlo)]
+
+
+def test_flat_step_sums_its_gradient_in_one_all_reduce_of_one_buffer():
+    config = smoke_config(**{"pruning.method": "gmp", "burden.enabled": False})
+    run = loop.build(config, smoke_dataset(), mesh=mesh_of(8))
+    reduces = _all_reduce_operands(run)
     assert len(reduces) == 1, reduces
-    operands = re.findall(r"\w+\[[\d,]*\]", reduces[0])
     num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
     # The gradient and the loss in one buffer; XLA may add the step's accuracy (a scalar mean
     # over the sharded batch, outside the shard_map) as a second operand. The compiler's own
     # reduction has one operand per param leaf.
-    assert f"f32[{num_params + 1}]" in operands and len(operands) <= 2, reduces
+    assert f"f32[{num_params + 1}]" in reduces[0] and len(reduces[0]) <= 2, reduces
+
+
+def test_flat_step_with_burden_sums_the_probe_as_one_buffer_too():
+    config = method_config("gmp")
+    run = loop.build(config, smoke_dataset(), mesh=mesh_of(8))
+    reduces = _all_reduce_operands(run)
+    num_kernels = len(jax.tree.leaves(run.state.burden["ref_load"]))
+    # The step's gradient, loss and statistics; the probe pass's pruned and dense sums (two
+    # per kernel) in one buffer of their own, inside the conditional that runs the probe.
+    assert len(reduces) == 2, reduces
+    assert [f"f32[{2 * num_kernels}]"] in reduces, reduces
+    assert all(len(operands) <= 2 for operands in reduces), reduces
 
 
 def test_sharded_loss_and_grad_combines_shards_as_the_global_batch():
