@@ -80,7 +80,7 @@ class BurdenTracker:
     every: int
     kappa: float
     tau: float
-    mesh: Any = None  # set: the probe pass runs per batch shard, its sums cross as one buffer
+    flat_mesh: Any = None  # set: the probe pass runs per batch shard, its sums as one buffer
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -185,8 +185,8 @@ class BurdenTracker:
             return {p: (_stat(sown, p, PRUNED_SQ), _stat(sown, p, DENSE_SQ))
                     for p in self.kernels}
 
-        if self.mesh is not None:  # as the step's gradient (nbjax.sharding.flat_grad_reduce)
-            sums = sharding_lib.shard_batch_sums(sums, self.mesh)
+        if self.flat_mesh is not None:  # as the step's gradient (nbjax.sharding.flat_grad_reduce)
+            sums = sharding_lib.shard_batch_sums(sums, self.flat_mesh)
 
         def probe(_):
             sq = sums(pre_prune_params, state_after.masks, images)
@@ -270,11 +270,12 @@ def _any_flipped(before: Mapping[str, Any], after: Mapping[str, Any]) -> jax.Arr
 
 def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent: bool,
                  total_steps: int, image_shape: tuple[int, ...],
-                 mesh: Any = None) -> BurdenTracker:
+                 flat_mesh: Any = None) -> BurdenTracker:
     """The tracker of ``config.burden`` for ``model`` (built with ``collect_stats``).
 
-    ``mesh``: the run's mesh; where :func:`nbjax.sharding.flat_grad_reduce` holds, the probe
-    pass's per-layer sums are summed over the batch shards as one flat buffer too.
+    ``flat_mesh``: the mesh the step sums its gradient over as one flat buffer (see
+    :func:`nbjax.train.make_train_step`); the probe pass's per-layer sums then cross its
+    batch shards as one flat buffer too.
     """
     if not getattr(model, "collect_stats", False):
         raise ValueError("the burden tracker needs a model built with collect_stats=True "
@@ -295,5 +296,5 @@ def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent
         persistent=bool(persistent),
         reference_step=reference_step(config, total_steps),
         every=int(b.every), kappa=float(b.kappa), tau=float(b.tau),
-        mesh=mesh if mesh is not None and sharding_lib.flat_grad_reduce(config, mesh) else None,
+        flat_mesh=flat_mesh,
     )

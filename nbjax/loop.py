@@ -152,9 +152,12 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     tx = train.make_optimizer(config, steps)
     pruner = make_pruner(config, steps) if pruner is None else pruner
     lr_fn = train.learning_rate_fn(config, steps)
+    # On a CPU mesh the step's gradient (and the burden probe's sums) cross the devices as one
+    # flat buffer (nbjax.sharding.flat_grad_reduce); elsewhere the compiler partitions them.
+    flat_mesh = mesh if sharding_lib.flat_grad_reduce(config, mesh) else None
     # The burden metrics (docs/burden.md): off, the model collects no statistics either.
     tracker = burden_tracker.make_tracker(config, model, pruner.persistent, steps,
-                                          dataset.image_shape, mesh=mesh
+                                          dataset.image_shape, flat_mesh=flat_mesh
                                           ) if config.burden.enabled else None
 
     def init() -> train.TrainState:
@@ -168,7 +171,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     state = jax.jit(init, out_shardings=shardings)()
     step = train.make_train_step(config, model, tx, pruner, dataset.num_classes,
                                  dataset.mean, dataset.std, burden_fn=tracker, lr_fn=lr_fn,
-                                 mesh=mesh)
+                                 flat_mesh=flat_mesh)
     repl = sharding_lib.replicated(mesh)
     train_chunk = jax.jit(train.make_multi_step(step), donate_argnums=0,
                           out_shardings=(shardings, repl))

@@ -108,7 +108,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, pruner: Pruner, num_classes: int,
                     mean: tuple[float, ...], std: tuple[float, ...],
                     burden_fn: BurdenFn | None = None,
-                    lr_fn: optax.Schedule | None = None, mesh: Any = None) -> Callable:
+                    lr_fn: optax.Schedule | None = None,
+                    flat_mesh: Any = None) -> Callable:
     """One train step ``(state, images_u8, labels, idx[B]) -> (state, metrics)``, not jitted.
 
     ``burden_fn(state_before, state_after, grads, stats, *, images, pre_prune_params,
@@ -119,9 +120,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     values), ``prune_metrics`` the pruning method's metrics of the step
     (:class:`nbjax.burden_tracker.BurdenTracker`).
 
-    ``mesh``: where :func:`nbjax.sharding.flat_grad_reduce` says so, the loss and gradient are
-    computed per batch shard and summed as one flat buffer (:func:`sharded_loss_and_grad`);
-    otherwise (and without a mesh) the step is written as for one device.
+    ``flat_mesh``: the loss and gradient are computed per batch shard of this mesh and summed
+    as one flat buffer (:func:`sharded_loss_and_grad`; ``loop.build`` passes the run's mesh
+    where :func:`nbjax.sharding.flat_grad_reduce` says so); None: the step is written as for
+    one device and the compiler partitions it.
     """
     augment_kind, pad, pad_mode = (config.data.augment, config.data.augment_pad,
                                    config.data.augment_pad_mode)
@@ -133,8 +135,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         return loss, (logits, aux.get("stats", {}))
 
     loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    if mesh is not None and sharding_lib.flat_grad_reduce(config, mesh):
-        loss_and_grad = sharded_loss_and_grad(loss_and_grad, mesh)
+    if flat_mesh is not None:
+        loss_and_grad = sharded_loss_and_grad(loss_and_grad, flat_mesh)
 
     def step(state: TrainState, images_u8: jax.Array, labels_all: jax.Array, idx: jax.Array):
         rng = jax.random.fold_in(state.rng, state.step)
