@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_collections
 
 from nbjax.config import load_config_file
-from nbjax.study import grid_config
+from nbjax.study.runner import grid_config
 
 
 def get_config():

@@ -16,18 +16,20 @@ from typing import Any
 
 import ml_collections
 
-from nbjax import data, sharding
+from nbjax import pruning
+from nbjax.data import pipeline as data
+from nbjax.parallel import mesh as sharding
+from nbjax.pruning import masks
 
-PRUNING_METHODS = ("none", "gmp", "set", "rigl", "static", "pdwp")
 CHOICES: dict[str, tuple[Any, ...]] = {
     "data.source": data.SOURCES,
     "data.augment": data.AUGMENTS,
     "data.augment_pad_mode": data.PAD_MODES,
     "model.pool": ("cls", "mean"),
     "model.dtype": ("float32", "bfloat16"),
-    "pruning.method": PRUNING_METHODS,
-    "pruning.distribution": ("uniform", "erk"),
-    "pruning.scope": ("layerwise", "global"),
+    "pruning.method": tuple(pruning.registered()),
+    "pruning.distribution": masks.DISTRIBUTIONS,
+    "pruning.scope": masks.SCOPES,
     "mitigation.token_merging.mode": ("off", "single_pass", "every_layer"),
     "sharding.mode": ("replicated", "fsdp"),
     "sharding.grad_reduce": sharding.GRAD_REDUCE_MODES,
@@ -109,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding.mode = "replicated"
     c.sharding.fsdp_min_size = 2**18  # fsdp: shard state leaves with at least this many entries
     # How the gradient is summed over the batch shards: 'flat' (one buffer, shard_map),
-    # 'compiler' (XLA's all-reduces), 'auto' (flat on a CPU host: nbjax.sharding.flat_grad_reduce)
+    # 'compiler' (XLA's all-reduces), 'auto' (flat on a CPU host: parallel.mesh.flat_grad_reduce)
     c.sharding.grad_reduce = "auto"
     return c
 
@@ -159,14 +161,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "must be in [0, 1]")
     check(p.erk_power_scale >= 0, "pruning.erk_power_scale", "must be >= 0")
     check(p.exponent > 0, "pruning.exponent", "must be > 0")
-    check(p.method not in ("gmp", "pdwp") or p.initial_sparsity <= p.sparsity,
-          "pruning.initial_sparsity", "must be <= pruning.sparsity (gmp/pdwp only prune)")
     check(p.scope != "global" or p.distribution == "uniform", "pruning.distribution",
           "scope='global' takes its per-leaf sparsities from one top-k over all leaves, so "
           "a distribution cannot also be imposed: use 'uniform' (or scope='layerwise')")
-    check(not (config.mitigation.persistent and p.method == "static"),
-          "mitigation.persistent", "pruning.method='static' never recomputes its mask, so it "
-          "has no persistent variant (use gmp, set, rigl or pdwp)")
+    pruning.check_config(config)
     check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
     tm = config.mitigation.token_merging
     check(tm.r >= 0, "mitigation.token_merging.r", "must be >= 0")

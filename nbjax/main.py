@@ -7,7 +7,7 @@ Any config field can be changed with ``--config.<key>=<value>``.
 Several processes (GPU hosts, CPU processes): add ``--coordinator_address HOST:PORT
 --num_processes N --process_id I`` to each (or set ``NBJAX_COORDINATOR_ADDRESS``,
 ``NBJAX_NUM_PROCESSES``, ``NBJAX_PROCESS_ID``); on a Cloud TPU pod slice nothing is needed.
-See :mod:`nbjax.distributed` and ``docs/scaling.md``.
+See :mod:`nbjax.parallel.distributed` and ``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nbjax import distributed, sharding
+from nbjax.parallel import distributed
+from nbjax.parallel import mesh as sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (.py file).",
                                           lock_config=True)
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     import jax
 
-    from nbjax import runtime
+    from nbjax.parallel import runtime
 
     runtime.enable_compilation_cache()
     if joined.call:
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
               f"{jax.devices()[0].platform} devices", file=sys.stderr, flush=True)
 
     from nbjax import config as config_lib
-    from nbjax import loop
+    from nbjax.train import loop
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = _CONFIG.value

@@ -2,10 +2,10 @@
 
     python -m nbjax.report WORKDIR                      # PNGs + report.md into WORKDIR
     python -m nbjax.report RUN_A RUN_B --out DIR        # the runs overlaid, one colour each
-    python -m nbjax.report STUDY_DIR                    # a study (nbjax.study_report)
+    python -m nbjax.report STUDY_DIR                    # a study (nbjax.study.report)
 
 Reads each workdir's ``metrics.jsonl`` (one JSON object per logged step), ``config.json`` and
-``final_metrics.json`` as :mod:`nbjax.loop` writes them, and draws against the training step:
+``final_metrics.json`` as :mod:`nbjax.train.loop` writes them, and draws against the training step:
 the burden index, the per-block load, the dormant and overloaded unit fractions, the
 survivors' weight and gradient rms and the pruned signal, the sparsity and the accuracy, and
 the burden index against the sparsity. What the metrics mean and how to read the plots:
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nbjax import study_report  # noqa: E402
+from nbjax.study import report as study_report  # noqa: E402
 
 B = "burden"
 # Where the total sparsity is logged (the pruning methods own it, nbjax.pruning.common).
@@ -87,7 +87,7 @@ class RunLog:
 
 
 def load_run(workdir: str, label: str | None = None) -> RunLog:
-    """Reads a run directory written by :func:`nbjax.loop.train_and_evaluate`."""
+    """Reads a run directory written by :func:`nbjax.train.loop.train_and_evaluate`."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a run directory?")

@@ -39,8 +39,8 @@ from etils import epath
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from nbjax import data as data_lib
-from nbjax import model as model_lib
+from nbjax.data import pipeline as data_lib
+from nbjax.model import vit as model_lib
 
 PyTree = Any
 
@@ -202,9 +202,10 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def restore_run(workdir: str | os.PathLike,
                 config: ml_collections.ConfigDict | None = None) -> tuple[Any, Any]:
-    """``(run, state)``: the built run (:func:`nbjax.loop.build`) and its latest checkpoint."""
-    from nbjax import checkpoint as checkpoint_lib
-    from nbjax import loop
+    """``(run, state)``: the built run (:func:`nbjax.train.loop.build`) and its latest
+    checkpoint."""
+    from nbjax.train import checkpoint as checkpoint_lib
+    from nbjax.train import loop
 
     config = load_run_config(workdir) if config is None else config
     run = loop.build(config)
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     model = model_lib.build_model(run.config, run.dataset.num_classes)
     merge_r = None
     if args.keep_ratio is not None:
-        from nbjax import tome
+        from nbjax.tome import merge as tome
 
         r = tome.single_pass_r(model_lib.num_input_tokens(run.config), args.keep_ratio)
         merge_r = [r] + [0] * (len(model.merge_r) - 1)

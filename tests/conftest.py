@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from nbjax import runtime  # noqa: E402
+from nbjax.parallel import runtime  # noqa: E402
 
 runtime.enable_compilation_cache(
     os.environ.get("NBJAX_TEST_CACHE",

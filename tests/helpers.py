@@ -3,8 +3,8 @@
 import functools
 import pathlib
 
-from nbjax import data
 from nbjax.config import load_config_file, lock
+from nbjax.data import pipeline as data
 
 
 def smoke_config(**overrides):
@@ -33,7 +33,7 @@ def one_device_mesh():
     """A mesh over the first device only: the single-device reference of the tests."""
     import jax
 
-    from nbjax.sharding import make_mesh
+    from nbjax.parallel.mesh import make_mesh
 
     return make_mesh(jax.devices()[:1])
 
@@ -45,7 +45,7 @@ def run_steps(config, num_calls, state=None):
     """
     import jax
 
-    from nbjax import loop
+    from nbjax.train import loop
 
     run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
     state = run.state if state is None else state

@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 from helpers import smoke_config, smoke_dataset
 
-from nbjax import bench, bench_report, bench_torch, bench_variants, loop
-from nbjax import model as model_lib
+from nbjax.bench import report as bench_report
+from nbjax.bench import runner as bench
+from nbjax.bench import torch_ref as bench_torch
+from nbjax.bench import variants as bench_variants
+from nbjax.model import vit as model_lib
+from nbjax.parallel.mesh import make_mesh
 from nbjax.pruning import make_pruner
-from nbjax.sharding import make_mesh
+from nbjax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("key, value, message", [
     ("pruning.method", "magnitude", r"config.pruning.method='magnitude' is not valid; allowed: "
-                                    r"\['none', 'gmp', 'set', 'rigl', 'static', 'pdwp'\]"),
+                                    r"\['gmp', 'none', 'pdwp', 'rigl', 'set', 'static'\]"),
     ("model.pool", "max", r"config.model.pool='max'.*\['cls', 'mean'\]"),
     ("mitigation.token_merging.mode", "twice", r"token_merging.mode='twice'.*single_pass"),
     ("pruning.sparsity", 1.0, r"config.pruning.sparsity=1.0 is not valid: must be in \[0, 1\)"),

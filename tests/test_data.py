@@ -1,4 +1,4 @@
-"""Tests for nbjax.data: every source read from tiny fixtures written in its real on-disk format."""
+"""Tests for nbjax.data: every source read from tiny fixtures in its real on-disk format."""
 
 import dataclasses
 import gzip
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nbjax import data, data_sources
+from nbjax.data import pipeline as data
+from nbjax.data import sources as data_sources
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CIFAR_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"

@@ -1,11 +1,11 @@
-"""Tests for nbjax.masks: exact counts, ERK budgets, tie rules, path filters."""
+"""Tests for nbjax.pruning.masks: exact counts, ERK budgets, tie rules, path filters."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbjax import masks as mk
+from nbjax.pruning import masks as mk
 
 D, H, DH, MLP, CLASSES = 16, 2, 8, 32, 10
 

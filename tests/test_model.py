@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nbjax.model import ViT
+from nbjax.model.vit import ViT
 
 
 def tiny(**kw) -> ViT:

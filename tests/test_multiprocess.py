@@ -4,7 +4,7 @@ Two ``python -m nbjax.main`` processes with 2 CPU devices each form one 4-device
 train exactly like one process with 4 devices: the same losses and test metrics, the same
 final state (restored here, on 1 device, from the collective Orbax checkpoints), and only
 process 0 writes the logs. Every child is bounded by a timeout and killed if the test fails.
-Also the flag/environment rules of :mod:`nbjax.distributed` (no processes needed).
+Also the flag/environment rules of :mod:`nbjax.parallel.distributed` (no processes needed).
 """
 
 import json
@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 from helpers import smoke_config, smoke_dataset
 
-from nbjax import checkpoint, distributed, loop, sharding
+from nbjax.parallel import distributed
+from nbjax.parallel import mesh as sharding
 from nbjax.pruning import make_pruner
+from nbjax.train import checkpoint, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420  # the whole group of processes; a cold child needs about 10-20 s alone

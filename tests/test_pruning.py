@@ -17,12 +17,14 @@ import optax
 import pytest
 from helpers import smoke_config, smoke_dataset
 
-from nbjax import data, loop, schedules, train
-from nbjax import masks as mk
-from nbjax import model as model_lib
 from nbjax.config import validate
-from nbjax.pruning import PruneContext, common, make_pruner, schedule_steps
-from nbjax.sharding import make_mesh
+from nbjax.data import pipeline as data
+from nbjax.model import vit as model_lib
+from nbjax.parallel.mesh import make_mesh
+from nbjax.pruning import PruneContext, common, make_pruner, schedule_steps, schedules
+from nbjax.pruning import masks as mk
+from nbjax.train import loop
+from nbjax.train import step as train
 
 T = 40  # steps of every simulated run; the smoke schedule gives t0 = 4, t1 = 28, ΔT = 4
 COMBOS = [("uniform", "layerwise"), ("erk", "layerwise"), ("uniform", "global")]

@@ -1,4 +1,4 @@
-"""Tests for nbjax.schedules: hand-computed values, Python and jit paths agree."""
+"""Tests for nbjax.pruning.schedules: hand-computed values, Python and jit paths agree."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbjax import schedules as sch
+from nbjax.pruning import schedules as sch
 
 POLY = dict(initial=0.1, final=0.9, start_step=100, end_step=300, exponent=3.0)
 

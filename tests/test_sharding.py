@@ -20,8 +20,11 @@ import pytest
 from helpers import smoke_config, smoke_dataset
 from jax.sharding import PartitionSpec as P
 
-from nbjax import checkpoint, loop, model, sharding, train
+from nbjax.model import vit as model
+from nbjax.parallel import mesh as sharding
 from nbjax.pruning import make_pruner
+from nbjax.train import checkpoint, loop
+from nbjax.train import step as train
 
 METHODS = ("none", "gmp", "pdwp")
 STEPS = 8  # two calls of 4 steps; gmp/pdwp prune to initial_sparsity at their t0 = step 4

@@ -6,8 +6,10 @@ import pathlib
 
 import pytest
 
-from nbjax import loop, study, study_report
 from nbjax.config import load_config_file
+from nbjax.study import report as study_report
+from nbjax.study import runner as study
+from nbjax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -1,11 +1,11 @@
-"""Tests for nbjax.tome against a plain NumPy reference of ToMe (Bolya et al. 2023)."""
+"""Tests for nbjax.tome.merge against a plain NumPy reference of ToMe (Bolya et al. 2023)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbjax import tome
+from nbjax.tome import merge as tome
 
 # --------------------------------------------------------------------------- reference
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import one_device_mesh, run_steps, smoke_config, smoke_dataset
 
-from nbjax import checkpoint, loop, train
+from nbjax.train import checkpoint, loop
+from nbjax.train import step as train
 
 
 def test_loss_falls_on_learnable_task():
@@ -114,7 +115,7 @@ def test_eval_counts_every_example_once():
     run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
     metrics = loop.evaluate(run, run.state)
     # Hand-computed accuracy of the same params over the whole test set at once.
-    from nbjax import data
+    from nbjax.data import pipeline as data
 
     images = data.normalize(run.dataset.test_images, run.dataset.mean, run.dataset.std)
     model_logits = loop.model_lib.build_model(config, run.dataset.num_classes).apply(

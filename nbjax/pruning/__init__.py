@@ -7,12 +7,16 @@ Methods (one module each, registered on import): ``none`` and ``static``
 
 from nbjax.pruning import dst, gmp, static  # noqa: F401  (registers the methods)
 from nbjax.pruning.base import (
+    Method,
     PruneContext,
     Pruner,
+    check_config,
     make_pruner,
+    method,
     register,
     registered,
     schedule_steps,
 )
 
-__all__ = ["PruneContext", "Pruner", "make_pruner", "register", "registered", "schedule_steps"]
+__all__ = ["Method", "PruneContext", "Pruner", "check_config", "make_pruner", "method",
+           "register", "registered", "schedule_steps"]

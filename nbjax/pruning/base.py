@@ -12,7 +12,8 @@ A method owns two pure functions that run inside the compiled train step:
 gradient and pruned weights are not zeroed. The others zero pruned weights after every update.
 
 Steps from fractions (one rule, :func:`frac_to_step`): a fraction f of a run of T steps is
-step ``floor(f * T + 0.5)`` (round half up, like :func:`nbjax.masks.num_to_keep`), clipped to
+step ``floor(f * T + 0.5)`` (round half up, like
+:func:`nbjax.pruning.masks.num_to_keep`), clipped to
 the last step ``T - 1`` where a mask update must still happen (the gradual schedule's end).
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from nbjax import masks as masks_lib
+from nbjax.pruning import masks as masks_lib
 
 PyTree = Any
 
@@ -49,9 +50,15 @@ class PruneContext:
 
 @dataclasses.dataclass(frozen=True)
 class Pruner:
-    """A pruning method: its name, whether it is persistent, its two functions, and when its
-    mask updates happen: the step of the first one (``first_update``, None when the mask
-    never changes during the run) and the interval between them (``update_every``)."""
+    """A pruning method built for one run: its two functions and the facts the rest of the
+    system asks about it.
+
+    ``persistent``: pruned weights keep their values and learn. ``starts_dense``: the network
+    is dense until the first mask update. ``first_update``: the step of the first mask update
+    (None when the mask never changes during the run); ``update_every``: the interval between
+    updates. ``final_sparsity_step``: the first step whose network is at the final sparsity
+    (None when the run is at its sparsity from step 0).
+    """
 
     name: str
     persistent: bool
@@ -59,16 +66,36 @@ class Pruner:
     update: Callable[[PruneContext], PruneContext]
     update_every: int | None = None
     first_update: int | None = None
+    starts_dense: bool = False
+    final_sparsity_step: int | None = None
 
 
-_REGISTRY: dict[str, Callable[[ml_collections.ConfigDict, int], Pruner]] = {}
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered method: its factory and what is known of it before a run is built.
+
+    ``persistent_variant``: ``mitigation.persistent=True`` has a meaning for it.
+    ``always_persistent``: the method is persistent whatever ``mitigation.persistent`` says
+    (so its persistent variant is itself). ``check(config)`` raises ``ValueError`` for a
+    config the method cannot run (called by :func:`nbjax.config.validate`).
+    """
+
+    name: str
+    factory: Callable[[ml_collections.ConfigDict, int], Pruner]
+    persistent_variant: bool = True
+    always_persistent: bool = False
+    check: Callable[[ml_collections.ConfigDict], None] | None = None
 
 
-def register(name: str) -> Callable:
-    """Decorator: registers ``factory(config, total_steps) -> Pruner`` under ``name``."""
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, **facts: Any) -> Callable:
+    """Decorator: registers ``factory(config, total_steps) -> Pruner`` under ``name``, with
+    the :class:`Method` facts given as keywords."""
 
     def wrap(factory: Callable[[ml_collections.ConfigDict, int], Pruner]) -> Callable:
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = Method(name, factory, **facts)
         return factory
 
     return wrap
@@ -79,18 +106,36 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method(name: str) -> Method:
+    """The registered method ``name``; ``ValueError`` naming the allowed ones otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"config.pruning.method={name!r} is not valid; allowed: "
+                         f"{registered()}")
+    return _REGISTRY[name]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` when the method of ``config`` cannot run it as configured."""
+    info = method(config.pruning.method)
+    if config.mitigation.persistent and not info.persistent_variant:
+        raise ValueError(
+            f"config.mitigation.persistent=True is not valid with config.pruning.method="
+            f"{info.name!r}: its mask is never recomputed, so it has no persistent variant "
+            f"(use one of {[m for m in registered() if _REGISTRY[m].persistent_variant]})")
+    if info.check is not None:
+        info.check(config)
+
+
 def make_pruner(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     """The method ``config.pruning.method`` for a run of ``total_steps`` steps.
 
     ``config.mitigation.persistent`` selects the persistent variant of the method (see
     ``docs/pruning.md``); a method without one raises ``ValueError``.
     """
-    name = config.pruning.method
-    if name not in _REGISTRY:
-        raise ValueError(f"config.pruning.method={name!r}; allowed: {sorted(_REGISTRY)}")
+    check_config(config)
     if int(total_steps) < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    return _REGISTRY[name](config, int(total_steps))
+    return method(config.pruning.method).factory(config, int(total_steps))
 
 
 def prunable(params: PyTree, config: ml_collections.ConfigDict) -> list[str]:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from nbjax import masks as masks_lib
+from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import PruneContext
 
 PyTree = Any
@@ -62,7 +62,7 @@ def leaf_targets(shapes: Mapping[str, Any], sparsity: float,
     """Per-leaf target sparsities at ``sparsity`` under ``pruning.distribution`` (Python floats).
 
     ``shapes`` is flat ``{path: shape or array}`` of the prunable leaves. ERK counts are exact
-    (they sum to ``num_to_keep(total, sparsity)``, see :func:`nbjax.masks.erk_keep_counts`).
+    (they sum to ``num_to_keep(total, sparsity)``, see :func:`nbjax.pruning.masks.erk_keep_counts`).
     """
     p = config.pruning
     return masks_lib.target_sparsities(dict(shapes), sorted(shapes), float(sparsity),
@@ -178,8 +178,8 @@ def _segmented_topk(scores: Mapping[str, jax.Array], ks: Mapping[str, Any],
     shared for a global one); segment g keeps its ``ks[g]`` largest scores. One stable
     ``lax.sort`` by (segment, -score) orders the entries; an entry's rank in its segment is
     its position minus the segment's start. Ties go to the leaf earlier in sorted-path order,
-    then to the lower flat index, exactly as :func:`nbjax.masks.topk_mask_dynamic` and
-    :func:`nbjax.masks.global_masks` break them. (One sort instead of one per leaf: the
+    then to the lower flat index, exactly as :func:`nbjax.pruning.masks.topk_mask_dynamic` and
+    :func:`nbjax.pruning.masks.global_masks` break them. (One sort instead of one per leaf: the
     compile time of the step grew with the number of sorts.)
     """
     paths = sorted(scores)

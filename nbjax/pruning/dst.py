@@ -6,7 +6,7 @@ distribution, or one global draw) and, on every step t with t > 0, t % ΔT == 0 
 
 1. n_drop = round(f_t · k) with k the kept count (per leaf, or in total for
    ``scope='global'``) and f_t the drop fraction, ``drop_fraction`` decayed by a cosine to 0 at
-   t_end (:func:`nbjax.schedules.cosine_drop_fraction`, RigL's schedule);
+   t_end (:func:`nbjax.pruning.schedules.cosine_drop_fraction`, RigL's schedule);
 2. drop: keep the k - n_drop largest |W| among the kept weights;
 3. regrow n_drop among the weights not kept after the drop (just-dropped ones included, as in
    RigL): uniformly at random (``set``, Mocanu et al. 2018) or by largest |dense gradient| of
@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nbjax import masks as masks_lib
-from nbjax import schedules
-from nbjax.pruning import common
+from nbjax.pruning import common, schedules
+from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import PruneContext, Pruner, drop_end_step, prunable, register
 
 

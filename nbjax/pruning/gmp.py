@@ -1,7 +1,7 @@
 """Gradual magnitude pruning (``gmp``) and its persistent variant (``pdwp``).
 
 ``gmp`` (Zhu & Gupta, 2017, "To prune, or not to prune"): start dense; on the update steps
-t0, t0 + ΔT, ..., and t1 (:func:`nbjax.schedules.is_update_step`) keep the largest-magnitude
+t0, t0 + ΔT, ..., and t1 (:func:`nbjax.pruning.schedules.is_update_step`) keep the largest-magnitude
 weights at the polynomial target s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^e. Pruned
 weights are zeroed and stay zero: the new mask is a top-k of |W| *among the kept weights*
 only, so it is always a subset of the old one.
@@ -34,7 +34,7 @@ weights at s_t (the per-leaf sparsities then come out of the magnitudes).
 
 All counts are traced (the schedule is evaluated inside the step), so the top-k is a sort
 (:func:`nbjax.pruning.common.topk_layerwise`, one sort for all leaves, the tie rule of
-:func:`nbjax.masks.topk_mask_dynamic`): one compiled step for every sparsity, run only on
+:func:`nbjax.pruning.masks.topk_mask_dynamic`): one compiled step for every sparsity, run only on
 update steps under ``lax.cond``.
 """
 
@@ -44,9 +44,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nbjax import masks as masks_lib
-from nbjax import schedules
-from nbjax.pruning import common
+from nbjax.pruning import common, schedules
+from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import (
     PruneContext,
     Pruner,
@@ -63,9 +62,6 @@ def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
     p = config.pruning
     s_i = schedules.validate_sparsity(p.initial_sparsity, "pruning.initial_sparsity")
     s_f = schedules.validate_sparsity(p.sparsity, "pruning.sparsity")
-    if s_i > s_f:
-        raise ValueError(f"pruning.initial_sparsity={s_i} must be <= pruning.sparsity={s_f} "
-                         f"for {name} (the schedule only prunes)")
     every, exponent = int(p.update_every), float(p.exponent)
     schedules.validate_every(every)
     # pdwp re-ranks on a finer grid than the sparsity steps (see the module docstring).
@@ -120,17 +116,26 @@ def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
 
     update = common.make_update(is_update, rule, persistent=persistent)
     return Pruner(name, persistent=persistent, init=init, update=update,
-                  update_every=rerank_every, first_update=t0)
+                  update_every=rerank_every, first_update=t0, starts_dense=True,
+                  final_sparsity_step=t1 + 1)
 
 
-@register("gmp")
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+    p = config.pruning
+    if p.initial_sparsity > p.sparsity:
+        raise ValueError(f"config.pruning.initial_sparsity={p.initial_sparsity} is not valid: "
+                         f"must be <= pruning.sparsity={p.sparsity} ({p.method}'s schedule "
+                         "only prunes)")
+
+
+@register("gmp", check=_check_schedule)
 def gmp(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     """Gradual magnitude pruning; ``mitigation.persistent=True`` makes it ``pdwp``."""
     return gradual(config, total_steps, name="gmp",
                    persistent=bool(config.mitigation.persistent))
 
 
-@register("pdwp")
+@register("pdwp", always_persistent=True, check=_check_schedule)
 def pdwp(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     """Persistent dynamic weight pruning: persistent gmp (always persistent)."""
     return gradual(config, total_steps, name="pdwp", persistent=True)

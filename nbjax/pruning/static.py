@@ -3,7 +3,7 @@
 ``static`` draws a uniformly random mask at ``pruning.sparsity`` at step 0 (per-leaf targets
 from the distribution, exact counts; or one global draw of exactly num_to_keep(N, s)) and
 keeps it: the floor every method must beat. It has no magnitude criterion and no mask update,
-so it has no persistent variant: ``mitigation.persistent=True`` raises ``ValueError``.
+so it has no persistent variant (``mitigation.persistent=True`` is refused).
 
 ``none`` is the dense reference: all-ones masks. ``mitigation.persistent`` is a no-op for it
 (nothing is pruned, so nothing needs to persist).
@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from nbjax import masks as masks_lib
 from nbjax.pruning import common
+from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import Pruner, prunable, register
 
 
-@register("static")
+@register("static", persistent_variant=False)
 def static(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     """A random mask fixed at step 0."""
     del total_steps
-    if config.mitigation.persistent:
-        raise ValueError(
-            "config.mitigation.persistent=True with config.pruning.method='static': a static "
-            "mask is never recomputed, so there is no persistent variant (pruned weights "
-            "would learn but never return); use gmp, set or rigl, or pdwp")
 
     def init(params, rng):
         paths = prunable(params, config)
@@ -49,4 +44,5 @@ def dense(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
         masks = masks_lib.ones_masks(params, paths)
         return masks, common.init_state(masks, {p: 0.0 for p in paths}, 0.0)
 
-    return Pruner("none", persistent=False, init=init, update=common.fixed_update)
+    return Pruner("none", persistent=False, init=init, update=common.fixed_update,
+                  starts_dense=True)

@@ -1,8 +1,9 @@
 """The loaders of nbjax's data sources (host, NumPy), one section each, and their decode cache.
 
-Each loader takes the validated data config (a dict, see `nbjax.data.default_data_config`) and
+Each loader takes the validated data config (a dict, see
+`nbjax.data.pipeline.default_data_config`) and
 returns the arrays of one dataset: uint8 NHWC ``train_images``/``test_images``, integer
-labels, ``num_classes``, ``name`` and optionally ``class_names``. `nbjax.data.load_dataset`
+labels, ``num_classes``, ``name`` and optionally ``class_names``. `nbjax.data.pipeline.load_dataset`
 picks the loader by ``data.source`` (:data:`LOADERS`) and makes the `Dataset`. Nothing here
 downloads: a missing dataset raises a `FileNotFoundError` that says where it looked.
 """

@@ -6,7 +6,7 @@ without merging:
 * **compiled**: XLA's own count, ``cost_analysis()["flops"]`` of the jit-compiled forward pass
   (batch :data:`COST_BATCH`, divided by the batch). It counts every operation XLA emits:
   matmuls (2 per multiply-add), layer norms, softmax, GELU, the matching and the merge.
-* **analytic**: the matmuls only, from :func:`nbjax.tome.block_flops` split into attention
+* **analytic**: the matmuls only, from :func:`nbjax.tome.merge.block_flops` split into attention
   (on the tokens entering the block) and MLP (on the tokens left after the block's merge),
   plus the patch embedding, the matching's similarity matrix and the head.
 
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from nbjax import model as model_lib
-from nbjax import tome
+from nbjax.model import vit as model_lib
+from nbjax.tome import merge as tome
 
 COST_BATCH = 8  # batch of the compiled forward whose FLOPs are divided by it
 # |compiled - analytic| / compiled: about 0.04 for the default MNIST ViT (width 64, MLP 256);
@@ -73,7 +73,7 @@ def analytic_forward_flops(merge_r: Sequence[int], *, num_tokens: int, hidden_di
     """Matmul FLOPs per image of the nbjax ViT's forward with ``merge_r[l]`` merged in block l.
 
     Block l runs attention on the tokens it receives and, after merging, its MLP on the tokens
-    left; :func:`nbjax.tome.block_flops` with ``mlp_ratio=0`` is the attention part. A merging
+    left; :func:`nbjax.tome.merge.block_flops` with ``mlp_ratio=0`` is the attention part. A merging
     block also computes the [A, B] cosine similarities of the keys (head dimension).
     """
     d = hidden_dim
@@ -187,7 +187,7 @@ def startup_report(config: ml_collections.ConfigDict, num_classes: int,
                    print_fn: Callable[[str], Any] | None = print) -> CostReport:
     """Computes the :class:`CostReport`, prints its table and writes ``workdir/flops.json``.
 
-    Called once by :func:`nbjax.loop.train_and_evaluate` before training. A backend whose
+    Called once by :func:`nbjax.train.loop.train_and_evaluate` before training. A backend whose
     compiler has no cost analysis (or fails at it) gets the analytic count alone.
     """
     try:

@@ -1,6 +1,6 @@
 """The benchmark's report: ratios, the printed table, the issue's targets and the JSON file.
 
-:func:`nbjax.bench.run_bench` returns one JSON-able dict; everything here reads only that
+:func:`nbjax.bench.runner.run_bench` returns one JSON-able dict; everything here reads only that
 dict, so a saved ``--json`` file can be re-printed or compared without re-running.
 """
 
@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from nbjax.bench_variants import Variant
+from nbjax.bench.variants import Variant
 
 
 def ratios(results: dict[str, dict[str, Any]], torch_result: dict[str, Any] | None

@@ -4,7 +4,7 @@ The state is one pytree (:class:`TrainState`). The train step is a pure function
 the on-device dataset and a block of batch indices; it is compiled once with ``jax.jit``,
 donates the state, and runs ``train.steps_per_call`` steps per call with ``lax.scan`` so the
 host dispatches rarely. Nothing inside it waits for the host. The loop around it (data order,
-logging, evaluation, checkpoints) lives in :mod:`nbjax.loop`.
+logging, evaluation, checkpoints) lives in :mod:`nbjax.train.loop`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nbjax import data
-from nbjax import masks as masks_lib
-from nbjax import model as model_lib
-from nbjax import sharding as sharding_lib
+from nbjax.data import pipeline as data
+from nbjax.model import vit as model_lib
+from nbjax.parallel import mesh as sharding_lib
 from nbjax.pruning import PruneContext, Pruner
+from nbjax.pruning import masks as masks_lib
 
 PyTree = Any
 
@@ -118,11 +118,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     the model saw it, ``pre_prune_params`` the params after the optimizer update and before
     the mask update (the weights a non-persistent update is about to zero still hold their
     values), ``prune_metrics`` the pruning method's metrics of the step
-    (:class:`nbjax.burden_tracker.BurdenTracker`).
+    (:class:`nbjax.burden.tracker.BurdenTracker`).
 
     ``flat_mesh``: the loss and gradient are computed per batch shard of this mesh and summed
     as one flat buffer (:func:`sharded_loss_and_grad`; ``loop.build`` passes the run's mesh
-    where :func:`nbjax.sharding.flat_grad_reduce` says so); None: the step is written as for
+    where :func:`nbjax.parallel.mesh.flat_grad_reduce` says so); None: the step is written as for
     one device and the compiler partitions it.
     """
     augment_kind, pad, pad_mode = (config.data.augment, config.data.augment_pad,
@@ -185,7 +185,7 @@ def sharded_loss_and_grad(loss_and_grad: Callable, mesh: Any) -> Callable:
     ``loss_and_grad(params, masks, images, labels) -> ((loss, (logits, stats)), grads)`` with
     a mean loss. Each device computes it on its rows of the batch; the loss, the gradient and
     the model's per-feature statistics (all means over the batch) are averaged over the shards
-    in one :func:`nbjax.sharding.flat_psum`, the ``MAX_STATS`` by ``pmax``; the logits stay
+    in one :func:`nbjax.parallel.mesh.flat_psum`, the ``MAX_STATS`` by ``pmax``; the logits stay
     split over the batch. The shards are equal, so the result is the global-batch value, as
     the compiler's partitioning of the same step computes it (only the order of the
     floating-point sums differs). It draws no random numbers (the model has no dropout, and

@@ -6,7 +6,7 @@ augmentation run in JAX, inside the jit-compiled train step, so they cost no hos
 sharded with the batch. Nothing here downloads: a missing dataset raises one `FileNotFoundError`
 that says where it looked and how to get the data. Sources and their config keys: docs/data.md.
 This module is the API (the config, `load_dataset`, the JAX transforms); the loaders of each
-source, and their decode cache, are in `nbjax.data_sources`.
+source, and their decode cache, are in `nbjax.data.sources`.
 """
 
 import dataclasses
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nbjax import data_sources
+from nbjax.data import sources as data_sources
 
 SOURCES = ("mnist", "idx", "cifar10_python", "image_folder", "tfds", "synthetic")
 AUGMENTS = ("none", "crop", "crop_flip")

@@ -1,7 +1,7 @@
 """The PyTorch eager reference of the benchmark: the same masked ViT train step, in PyTorch.
 
 ``python -m nbjax.bench --torch`` times it side by side with the nbjax variants (see
-:mod:`nbjax.bench`). PyTorch is *not* a dependency of nbjax: this module imports ``torch``
+:mod:`nbjax.bench.runner`). PyTorch is *not* a dependency of nbjax: this module imports ``torch``
 only inside :func:`available` and :class:`TorchStep`, and ``pip install torch`` (a CPU wheel
 is enough) is the user's choice (``pip install -e '.[bench]'``).
 

@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nbjax import tome
-from nbjax.burden import input_abs_mean
+from nbjax.burden.metrics import input_abs_mean
+from nbjax.tome import merge as tome
 
 MASK_MODES = ("multiply", "straight_through")
 # The sown statistics that are a maximum over the batch; every other one is a mean over it
@@ -48,7 +48,7 @@ class MaskedLinear(nn.Module):
     Covers Dense ([in, out]), the attention projections ([D, H, Dh] and [H, Dh, D]) and the
     patch embedding ([p, p, C, D]) with one code path, so masking and statistics are uniform.
 
-    ``measure_pruned`` (the burden probe pass, :func:`nbjax.burden.pruned_signal`) also sows
+    ``measure_pruned`` (the burden probe pass, :func:`nbjax.burden.metrics.pruned_signal`) also sows
     ``pruned_sq`` = ||x (W ⊙ (1 - M))||² and ``dense_sq`` = ||x W||² (bias excluded, summed
     over batch, tokens and outputs) for the dense kernel W: one more matmul per layer.
     """

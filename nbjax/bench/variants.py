@@ -1,7 +1,7 @@
 """The benchmark's variants: what ``dense``, ``gmp+burden`` or ``rigl+burden+tome+bf16`` mean.
 
 A variant is a name: a head (``plain_jax``, ``dense`` or a pruning method) and optional
-``+burden``, ``+tome`` and ``+bf16`` parts (:mod:`nbjax.bench` lists what each runs).
+``+burden``, ``+tome`` and ``+bf16`` parts (:mod:`nbjax.bench.runner` lists what each runs).
 :func:`variant_config` turns the user's config into that variant's config.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from nbjax import config as config_lib
+from nbjax import pruning
 from nbjax.pruning import Pruner
 
 DEFAULT_VARIANTS = ("plain_jax", "dense", "gmp", "rigl", "gmp+burden", "rigl+burden",
@@ -34,7 +35,7 @@ class Variant:
     def parse(name: str) -> Variant:
         """``'rigl+burden+tome'`` -> Variant(head='rigl', burden=True, tome=True)."""
         head, *rest = name.strip().split("+")
-        heads = ("plain_jax", "dense", *config_lib.PRUNING_METHODS)
+        heads = ("plain_jax", "dense", *pruning.registered())
         if head not in heads:
             raise ValueError(f"variant {name!r}: {head!r} is not one of {list(heads)}")
         unknown = [f for f in rest if f not in FLAGS_OF_VARIANT]
@@ -69,7 +70,7 @@ def variant_config(base: Any, variant: Variant) -> Any:
         tm.mode, tm.keep_ratio, tm.r = "single_pass", 0.5, 0
     if variant.bf16:
         config.model.dtype = "bfloat16"
-    if variant.head in ("static", "none"):
+    if not pruning.method(config.pruning.method).persistent_variant:
         config.mitigation.persistent = False
     config.train.progress = False
     return config_lib.lock(config)

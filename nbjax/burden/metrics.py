@@ -3,7 +3,7 @@
 In a brain that loses neurons the survivors carry the load of the lost ones. In a network
 pruned while it trains, the surviving connections and units must carry the signal that the
 pruned ones carried. This module measures that, per block, at (almost) every step, from
-reductions that the model does itself: every :class:`~nbjax.model.MaskedLinear` sows
+reductions that the model does itself: every :class:`~nbjax.model.vit.MaskedLinear` sows
 ``in_abs_mean`` = e_j = E|x_j|, the mean absolute value of each of its input features over
 batch and tokens. Nothing of shape [batch, tokens, features] leaves the step and nothing
 waits for the host.
@@ -49,7 +49,7 @@ step 0 reads as load ≈ 1 and only what happens afterwards (compensation) moves
 ``kept_grad_rms`` are a few reductions over the kernels, the gradients and the sown
 per-feature means: O(parameters) a step, against O(batch × tokens × parameters) for the step
 itself. ``pruned_signal`` needs the layers' inputs x and a second matmul per layer, so it
-runs a second, forward-only pass of the model (:class:`~nbjax.model.MaskedLinear` with
+runs a second, forward-only pass of the model (:class:`~nbjax.model.vit.MaskedLinear` with
 ``measure_pruned``) under ``lax.cond`` only on the steps that measure it; the step compiles
 once. ``burden.enabled=False`` removes all of it, the statistics of the model included.
 
@@ -62,7 +62,7 @@ Turnover, re-activated count and exploration at mask updates are the pruning met
 metrics (``nbjax.pruning``); they are logged once, under the pruning prefix, not duplicated.
 
 This module holds the metrics, one function each on plain arrays, and the reference step;
-:mod:`nbjax.burden_tracker` holds the burden state and the per-step function the train step
+:mod:`nbjax.burden.tracker` holds the burden state and the per-step function the train step
 calls, built from them.
 """
 
@@ -73,13 +73,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from nbjax.pruning.base import schedule_steps
+from nbjax.pruning.base import Pruner
 
 PyTree = Any
 PREFIX = "burden"
-SCHEDULED_METHODS = ("gmp", "pdwp")  # the methods that start dense and prune on a schedule
 STAT = "in_abs_mean"  # what every MaskedLinear sows: E|x_j| over batch and tokens
 PRUNED_SQ, DENSE_SQ = "pruned_sq", "dense_sq"  # what the probe pass sows (measure_pruned)
 MASK_UPDATED = "pruning/mask_updated"  # the pruning methods' flag: 1.0 on mask-update steps
@@ -94,7 +92,7 @@ TINY = 1e-30
 def input_abs_mean(x: jax.Array, in_axes: int) -> jax.Array:
     """e_j = E|x_j|: mean absolute value of each input feature over every leading axis.
 
-    This is what :class:`~nbjax.model.MaskedLinear` sows as ``in_abs_mean`` (``in_axes`` is
+    This is what :class:`~nbjax.model.vit.MaskedLinear` sows as ``in_abs_mean`` (``in_axes`` is
     the number of trailing input axes the kernel contracts).
     """
     lead = tuple(range(x.ndim - in_axes))
@@ -267,14 +265,12 @@ def burden_index(block_loads: Sequence[jax.Array]) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def reference_step(config: ml_collections.ConfigDict, total_steps: int) -> int:
+def reference_step(pruner: Pruner) -> int:
     """The step whose network ``load`` and ``kept_weight_rms`` are relative to.
 
-    For the schedule-based methods (gmp, pdwp) the step the gradual schedule starts,
-    ``pruning.start_frac × total_steps`` rounded as the pruner rounds it
-    (:func:`nbjax.pruning.base.schedule_steps`, the pruner's own computation, so the two
-    never disagree); 0 for every other method.
+    For a method that starts dense and prunes later, the step of its first mask update (the
+    last step whose network is still dense); 0 for every other method.
     """
-    if config.pruning.method not in SCHEDULED_METHODS:
-        return 0
-    return int(schedule_steps(config, total_steps)[0])
+    if pruner.starts_dense and pruner.first_update is not None:
+        return int(pruner.first_update)
+    return 0

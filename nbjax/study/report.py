@@ -1,6 +1,6 @@
 """The report of a study directory: tables, plots and a verdict on each of the paper's claims.
 
-``python -m nbjax.report STUDY_DIR`` (a directory written by :mod:`nbjax.study`) writes
+``python -m nbjax.report STUDY_DIR`` (a directory written by :mod:`nbjax.study.runner`) writes
 ``report.md`` and PNG plots. Every number in it is read from the runs' own files: final test
 accuracy from ``final_metrics.json``, the burden index and ``pruned_signal`` from
 ``metrics.jsonl`` at the end of pruning (the first logged step at or after the schedule's end

@@ -3,7 +3,7 @@
 :func:`make_tracker` builds a :class:`BurdenTracker` for a config and model. Its ``init``
 makes the burden state (the reference values, held per kernel) and calling it inside the
 jitted step computes that step's ``burden/...`` metrics from the metric functions of
-:mod:`nbjax.burden` (what each metric means, and which network a step's metrics describe,
+:mod:`nbjax.burden.metrics` (what each metric means, and which network a step's metrics describe,
 is documented there and in docs/burden.md).
 """
 
@@ -19,9 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from nbjax import masks as masks_lib
-from nbjax import sharding as sharding_lib
-from nbjax.burden import (
+from nbjax.burden.metrics import (
     DENSE_SQ,
     MASK_UPDATED,
     PREFIX,
@@ -39,6 +37,9 @@ from nbjax.burden import (
     reference_load,
     reference_step,
 )
+from nbjax.parallel import mesh as sharding_lib
+from nbjax.pruning import masks as masks_lib
+from nbjax.pruning.base import Pruner
 
 PyTree = Any
 
@@ -185,7 +186,7 @@ class BurdenTracker:
             return {p: (_stat(sown, p, PRUNED_SQ), _stat(sown, p, DENSE_SQ))
                     for p in self.kernels}
 
-        if self.flat_mesh is not None:  # as the step's gradient (nbjax.sharding.flat_grad_reduce)
+        if self.flat_mesh is not None:  # as the step's gradient (flat_grad_reduce)
             sums = sharding_lib.shard_batch_sums(sums, self.flat_mesh)
 
         def probe(_):
@@ -268,13 +269,13 @@ def _any_flipped(before: Mapping[str, Any], after: Mapping[str, Any]) -> jax.Arr
     return changed
 
 
-def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent: bool,
-                 total_steps: int, image_shape: tuple[int, ...],
+def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, pruner: Pruner,
+                 image_shape: tuple[int, ...],
                  flat_mesh: Any = None) -> BurdenTracker:
     """The tracker of ``config.burden`` for ``model`` (built with ``collect_stats``).
 
     ``flat_mesh``: the mesh the step sums its gradient over as one flat buffer (see
-    :func:`nbjax.train.make_train_step`); the probe pass's per-layer sums then cross its
+    :func:`nbjax.train.step.make_train_step`); the probe pass's per-layer sums then cross its
     batch shards as one flat buffer too.
     """
     if not getattr(model, "collect_stats", False):
@@ -293,8 +294,8 @@ def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, persistent
         in_ndims=tuple(len((v[-1] if isinstance(v, tuple) else v).shape)
                        for v in (sown[p] for p in kernels)),
         probe=model.clone(collect_stats=False, measure_pruned=True),
-        persistent=bool(persistent),
-        reference_step=reference_step(config, total_steps),
+        persistent=bool(pruner.persistent),
+        reference_step=reference_step(pruner),
         every=int(b.every), kappa=float(b.kappa), tau=float(b.tau),
         flat_mesh=flat_mesh,
     )

@@ -44,10 +44,10 @@ For every variant it prints and writes to ``--json``:
   before the method's first mask update so that the update calls are in it.
 
 ``--torch``: also times the PyTorch eager masked ViT step of the same shape
-(:mod:`nbjax.bench_torch`), interleaved with the others, when ``torch`` is importable
+(:mod:`nbjax.bench.torch_ref`), interleaved with the others, when ``torch`` is importable
 (``--torch_threads N``: its intra-op threads; default one per core).
 
-On a CPU host nbjax runs one XLA device per core by default (:func:`nbjax.sharding
+On a CPU host nbjax runs one XLA device per core by default (:func:`nbjax.parallel.mesh
 .use_all_cpu_cores`); ``--devices N`` uses only the first N of them (N=1: the one-device
 ablation), ``XLA_FLAGS=--xla_force_host_platform_device_count=1`` the real one-device host.
 The data is synthetic of the config's image shape (throughput does not depend on the
@@ -72,18 +72,21 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from nbjax import bench_report, loop, runtime, train
 from nbjax import config as config_lib
-from nbjax import data as data_lib
-from nbjax import flops as flops_lib
-from nbjax import model as model_lib
-from nbjax import sharding as sharding_lib
-from nbjax.bench_variants import (
+from nbjax.bench import report as bench_report
+from nbjax.bench.variants import (
     DEFAULT_VARIANTS,
     Variant,
     unmasked_pruner,
     variant_config,
 )
+from nbjax.data import pipeline as data_lib
+from nbjax.model import vit as model_lib
+from nbjax.parallel import mesh as sharding_lib
+from nbjax.parallel import runtime
+from nbjax.tome import cost as flops_lib
+from nbjax.train import loop
+from nbjax.train import step as train
 
 # Dense peak FLOP/s by compute dtype, matched in order against ``device.device_kind``.
 # fp32 matmuls on A100/H100 run as TF32 (XLA's default precision), on TPU as bf16 passes.
@@ -381,7 +384,7 @@ def _torch_device() -> str:
 
 
 def _prepare_torch(base: Any, dataset: Any, threads: int = 0) -> _Timed:
-    from nbjax import bench_torch
+    from nbjax.bench import torch_ref as bench_torch
 
     if threads > 0:
         import torch
@@ -447,7 +450,7 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
                  f"{', persistent cache hit' if info['cache_hit'] else ''})")
     torch_result: dict[str, Any] | None = None
     if torch:
-        from nbjax import bench_torch
+        from nbjax.bench import torch_ref as bench_torch
 
         if bench_torch.available():
             timed.append(_prepare_torch(config, dataset, torch_threads))

@@ -28,6 +28,8 @@ from typing import Any
 import ml_collections
 
 MITIGATIONS = ("none", "tome", "persistent", "both")
+PERSISTENT_MITIGATIONS = ("persistent", "both")
+DENSE = "none"  # the method name of the dense runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,43 +66,44 @@ def _apply_mitigation(config: ml_collections.ConfigDict, mitigation: str,
 def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
     """Every run of the study, in a stable order; cells that would repeat a run are dropped.
 
-    ``pdwp`` is already persistent, so pdwp × persistent is pdwp × none (and both = tome);
-    ``static`` has no magnitude criterion, so it takes no persistent variant.
+    A method that is always persistent (pdwp) has no separate persistent cells, and a method
+    without a persistent variant (static) none at all.
     """
     from nbjax import config as config_lib
+    from nbjax import pruning
 
     g = study.grid
     for m in g.mitigations:
         if m not in MITIGATIONS:
             raise ValueError(f"grid.mitigations has {m!r}; allowed: {list(MITIGATIONS)}")
+    prunes = [m for m in pruning.registered() if m != DENSE]
     for m in g.methods:
-        if m not in config_lib.PRUNING_METHODS or m == "none":
-            raise ValueError(f"grid.methods has {m!r}; allowed: "
-                             f"{[x for x in config_lib.PRUNING_METHODS if x != 'none']}")
+        if m not in prunes:
+            raise ValueError(f"grid.methods has {m!r}; allowed: {prunes}")
     cells: list[tuple[str, float, str, int]] = []
     for seed in g.seeds:
         if g.dense:
-            for mit in g.mitigations:
-                if mit in ("none", "tome"):
-                    cells.append(("none", 0.0, mit, seed))
+            cells += [(DENSE, 0.0, mit, seed) for mit in g.mitigations
+                      if mit not in PERSISTENT_MITIGATIONS]
         for method in g.methods:
-            for sparsity in g.sparsities:
-                for mit in g.mitigations:
-                    persistent = mit in ("persistent", "both")
-                    if persistent and method in ("pdwp", "static"):
-                        continue
-                    cells.append((method, float(sparsity), mit, seed))
+            info = pruning.method(method)
+            # A persistent cell repeats the plain one for a method that is always persistent,
+            # and does not exist for a method without a persistent variant.
+            skip_persistent = info.always_persistent or not info.persistent_variant
+            cells += [(method, float(sparsity), mit, seed) for sparsity in g.sparsities
+                      for mit in g.mitigations
+                      if not (skip_persistent and mit in PERSISTENT_MITIGATIONS)]
     specs = []
     for method, sparsity, mit, seed in cells:
         config = copy.deepcopy(study.base)
         with config.unlocked():
             config.seed = int(seed)
             config.pruning.method = method
-            if method != "none":
+            if method != DENSE:
                 config.pruning.sparsity = sparsity
             _apply_mitigation(config, mit, g.tome_keep_ratio)
         config_lib.validate(config)
-        name = ("dense" if method == "none" else f"{method}_s{sparsity:g}") + f"_{mit}_seed{seed}"
+        name = ("dense" if method == DENSE else f"{method}_s{sparsity:g}") + f"_{mit}_seed{seed}"
         specs.append(RunSpec(name, method, sparsity, mit, int(seed), config))
     return specs
 
@@ -181,7 +184,7 @@ def estimate_seconds(specs: list[RunSpec], calibration_steps: int = 20) -> dict[
     """
     import jax
 
-    from nbjax import loop
+    from nbjax.train import loop
 
     rates: dict[str, tuple[float, float]] = {}
     dataset_cache: dict[str, Any] = {}
@@ -191,7 +194,7 @@ def estimate_seconds(specs: list[RunSpec], calibration_steps: int = 20) -> dict[
         config = spec.config
         key = json.dumps(config.data.to_dict(), sort_keys=True)
         if key not in dataset_cache:
-            from nbjax import data as data_lib
+            from nbjax.data import pipeline as data_lib
 
             dataset_cache[key] = data_lib.load_dataset(config.data)
         dataset = dataset_cache[key]
@@ -222,7 +225,7 @@ def estimate_seconds(specs: list[RunSpec], calibration_steps: int = 20) -> dict[
 def run_study(study: ml_collections.ConfigDict, workdir: str, dry_run: bool = False,
               log=print) -> dict[str, str]:
     """Runs (or, with ``dry_run``, lists) every run of the study; returns name -> status."""
-    from nbjax import loop
+    from nbjax.train import loop
 
     specs = expand(study)
     status: dict[str, str] = {}
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from nbjax import sharding
+    from nbjax.parallel import mesh as sharding
 
     config = config_flags.DEFINE_config_file("config", None, "Study config (.py file).",
                                              lock_config=True)
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         logging.set_verbosity(logging.WARNING)
-        from nbjax import runtime
+        from nbjax.parallel import runtime
 
         runtime.enable_compilation_cache()
         try:

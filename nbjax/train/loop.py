@@ -20,14 +20,15 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from nbjax import burden_tracker, train
-from nbjax import checkpoint as checkpoint_lib
 from nbjax import config as config_lib
-from nbjax import data as data_lib
-from nbjax import flops as flops_lib
-from nbjax import model as model_lib
-from nbjax import sharding as sharding_lib
+from nbjax.burden import tracker as burden_tracker
+from nbjax.data import pipeline as data_lib
+from nbjax.model import vit as model_lib
+from nbjax.parallel import mesh as sharding_lib
 from nbjax.pruning import Pruner, make_pruner
+from nbjax.tome import cost as flops_lib
+from nbjax.train import checkpoint as checkpoint_lib
+from nbjax.train import step as train
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -133,7 +134,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     """Loads data, builds model, optimizer, pruner and state, and jits the steps.
 
     ``pruner`` replaces the method ``config.pruning`` names (the benchmark's unmasked
-    reference, :func:`nbjax.bench_variants.unmasked_pruner`, has no masks at all).
+    reference, :func:`nbjax.bench.variants.unmasked_pruner`, has no masks at all).
     """
     config_lib.validate(config)
     dataset = data_lib.load_dataset(config.data) if dataset is None else dataset
@@ -153,12 +154,11 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     pruner = make_pruner(config, steps) if pruner is None else pruner
     lr_fn = train.learning_rate_fn(config, steps)
     # On a CPU mesh the step's gradient (and the burden probe's sums) cross the devices as one
-    # flat buffer (nbjax.sharding.flat_grad_reduce); elsewhere the compiler partitions them.
+    # flat buffer (nbjax.parallel.mesh.flat_grad_reduce); elsewhere the compiler partitions them.
     flat_mesh = mesh if sharding_lib.flat_grad_reduce(config, mesh) else None
     # The burden metrics (docs/burden.md): off, the model collects no statistics either.
-    tracker = burden_tracker.make_tracker(config, model, pruner.persistent, steps,
-                                          dataset.image_shape, flat_mesh=flat_mesh
-                                          ) if config.burden.enabled else None
+    tracker = burden_tracker.make_tracker(config, model, pruner, dataset.image_shape,
+                                          flat_mesh=flat_mesh) if config.burden.enabled else None
 
     def init() -> train.TrainState:
         return train.init_state(model, tx, pruner, dataset.image_shape, config.seed,

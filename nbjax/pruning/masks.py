@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nbjax.schedules import validate_sparsity
+from nbjax.pruning.schedules import validate_sparsity
 
 Tree = Mapping[str, Any]
 

@@ -1,0 +1,1 @@
+"""The benchmark: nbjax step variants against a plain JAX and a PyTorch step."""

@@ -1,0 +1,5 @@
+"""``python -m nbjax.bench``."""
+
+from nbjax.bench.runner import run
+
+run()

@@ -1,0 +1,1 @@
+"""Data: the config, the loaders and the JAX transforms."""

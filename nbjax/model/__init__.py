@@ -1,0 +1,1 @@
+"""The model: the masked Vision Transformer."""

@@ -1,0 +1,1 @@
+"""Where arrays live: meshes, collectives, several processes and the runtime set-up."""

@@ -1,0 +1,1 @@
+"""The paper's experiment grid: running it, its records and its report."""

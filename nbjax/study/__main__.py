@@ -1,0 +1,5 @@
+"""``python -m nbjax.study``."""
+
+from nbjax.study.runner import main
+
+main()

@@ -1,0 +1,1 @@
+"""Token merging (the mitigation) and the forward cost it saves."""
