@@ -37,5 +37,5 @@ setup(
         "bench": ["torch>=2.2"],
     },
     entry_points={"console_scripts": ["nbjax-train=nbjax.main:run",
-                                      "nbjax-bench=nbjax.bench.runner:run"]},
+                                      "nbjax-bench=nbjax.bench.cli:run"]},
 )

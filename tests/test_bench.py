@@ -16,19 +16,37 @@ import numpy as np
 import pytest
 from helpers import smoke_config, smoke_dataset
 
+from nbjax.bench import measure
 from nbjax.bench import report as bench_report
 from nbjax.bench import runner as bench
 from nbjax.bench import torch_ref as bench_torch
 from nbjax.bench import variants as bench_variants
+from nbjax.bench.timing import Timed
 from nbjax.model import vit as model_lib
 from nbjax.parallel.mesh import make_mesh
 from nbjax.pruning import make_pruner
+from nbjax.tome import cost
 from nbjax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_bench_command_writes_json_with_expected_keys(tmp_path):
+def _check_figures(r: dict, batch: int, steps_per_call: int) -> None:
+    """The relations docs/performance.md states between one variant's figures."""
+    assert r["compile_s"] == pytest.approx(r["lower_s"] + r["xla_compile_s"])
+    assert r["step_s"] > 0 and r["img_s"] == pytest.approx(batch / r["step_s"])
+    assert r["flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"])
+    assert r["model_flops_per_s"] == pytest.approx(r["model_flops_per_step"] / r["step_s"])
+    assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+    update = r["update"]
+    if update is not None:
+        assert update["plain_call_s"] == pytest.approx(r["step_s"] * steps_per_call)
+        extra = (update["update_call_s"] - update["plain_call_s"]) / update["every"]
+        assert update["window_step_s"] == pytest.approx(r["step_s"] + extra)
+        assert update["window_ratio"] == pytest.approx(update["window_step_s"] / r["step_s"])
+
+
+def test_bench_command_prints_and_writes_the_same_figures(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ)
     env["NBJAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
@@ -37,23 +55,35 @@ def test_bench_command_writes_json_with_expected_keys(tmp_path):
            "--config.pruning.update_every=8", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "gmp+burden" in proc.stdout and "img/s" in proc.stdout
     result = json.loads(out.read_text())
-    for key in bench.JSON_KEYS:
-        assert key in result, key
-    assert set(result["variants"]) == {"dense", "gmp+burden"}
+    assert bench_report.format_table(result) in proc.stdout  # the table is the file's
     assert result["overrides"] == ["--config.pruning.update_every=8"]
-    assert result["steps"] == 16 and result["steps_per_call"] == 4
-    for name, r in result["variants"].items():
-        for key in bench.VARIANT_KEYS:
-            assert key in r, (name, key)
-        assert r["step_s"] > 0 and r["img_s"] > 0 and r["compile_s"] > 0
-        assert r["model_flops_per_step"] > 0 and r["flops_per_step"] > 0
-    assert result["variants"]["dense"]["update"] is None
-    update = result["variants"]["gmp+burden"]["update"]
-    assert update["every"] == 8 and update["num_update_calls"] >= 1
-    assert update["window_ratio"] > 0
-    assert "gmp+burden/dense" in result["ratios"]
+    assert result["num_devices"] == jax.device_count()  # the test session's XLA_FLAGS
+    assert (result["batch_size"], result["steps_per_call"], result["steps"]) == (32, 4, 16)
+    assert list(result["variants"]) == ["dense", "gmp+burden"]
+    model = model_lib.build_model(smoke_config(), 4)
+    forward = cost.compiled_forward_flops(model, (8, 8, 1))
+    for r in result["variants"].values():
+        assert r["num_calls"] == 4 and r["num_devices"] == jax.device_count()
+        _check_figures(r, batch=32, steps_per_call=4)
+        assert r["model_flops_per_step"] == pytest.approx(3 * forward * 32)
+    dense, gmp = result["variants"]["dense"], result["variants"]["gmp+burden"]
+    # Both cond branches are counted: the mask update and burden probe add FLOPs.
+    assert gmp["flops_per_step"] > dense["flops_per_step"]
+    assert dense["update"] is None
+    # The timed range starts before gmp's first mask update; 16 steps at interval 8 hold two.
+    assert gmp["update"]["every"] == 8 and gmp["update"]["num_update_calls"] == 2
+    assert result["ratios"]["gmp+burden/dense"] == pytest.approx(
+        gmp["step_s"] / dense["step_s"])
+
+
+def test_bench_help_lists_the_bench_flags():
+    proc = subprocess.run([sys.executable, "-m", "nbjax.bench", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # absl's --help exits with 1
+    for flag in ("--config", "--variants", "--steps", "--warmup", "--json", "--torch",
+                 "--devices"):
+        assert f"  {flag}" in proc.stdout, flag
 
 
 def test_run_bench_in_process_plain_jax_and_masked():
@@ -61,21 +91,82 @@ def test_run_bench_in_process_plain_jax_and_masked():
     lines = []
     result = bench.run_bench(config, ["plain_jax", "rigl"], steps=8, warmup=1,
                              print_fn=lines.append)
-    assert set(result["variants"]) == {"plain_jax", "rigl"}
-    assert result["variants"]["plain_jax"]["num_devices"] == 1
-    assert result["variants"]["rigl"]["num_devices"] == jax.device_count()
+    assert list(result["variants"]) == ["plain_jax", "rigl"]
+    plain, rigl = result["variants"]["plain_jax"], result["variants"]["rigl"]
+    assert plain["num_devices"] == 1
+    assert rigl["num_devices"] == jax.device_count()
+    for r in (plain, rigl):
+        _check_figures(r, batch=32, steps_per_call=4)
     # The plain step's compiled FLOPs are one fwd+bwd: near the model FLOPs (3x forward).
-    plain = result["variants"]["plain_jax"]
     assert 0.5 < plain["flops_per_step"] / plain["model_flops_per_step"] < 2.0
-    assert "rigl/plain_jax" in result["ratios"]
-    assert any("rigl" in line for line in lines)
+    assert plain["update"] is None and plain["memory"]["temp_bytes"] > 0
+    assert rigl["update"]["every"] == config.pruning.update_every
+    assert result["ratios"]["rigl/plain_jax"] == pytest.approx(
+        rigl["step_s"] / plain["step_s"])
+    assert [line.split()[1] for line in lines[:2]] == ["plain_jax", "rigl"]  # compile lines
+    assert lines[-1] == bench_report.format_table(result)
     json.dumps(result)  # JSON-able
+
+
+def _timed(times, updated, update_every=None, peak=None):
+    info = {"name": "v", "flops_per_step": 2e9, "model_flops_per_step": 1e9}
+    timed = Timed("v", lambda: (times.pop(0), updated.pop(0)), steps=4, batch=32, info=info,
+                  peak_flops=peak, update_every=update_every)
+    for _ in range(len(times)):
+        timed.record()
+    return timed.summary()
+
+
+def test_timed_summary_figures_by_hand():
+    # Calls of 4 steps taking 40, 80 (with a mask update), 50 and 60 ms.
+    r = _timed([0.04, 0.08, 0.05, 0.06], [False, True, False, False], update_every=8,
+               peak=1e12)
+    assert r["step_s"] == pytest.approx(0.05 / 4)  # median of the calls without an update
+    assert r["img_s"] == pytest.approx(32 / 0.0125)
+    assert r["mean_step_s"] == pytest.approx(0.23 / 16) and r["num_calls"] == 4
+    assert r["flops_per_s"] == pytest.approx(2e9 / 0.0125)
+    assert r["mfu"] == pytest.approx(1e9 / 0.0125 / 1e12)
+    # One update of 80 ms instead of 50 ms every 8 steps: +3.75 ms per step on average.
+    assert r["update"] == pytest.approx({
+        "every": 8, "plain_call_s": 0.05, "num_update_calls": 1, "update_call_s": 0.08,
+        "window_step_s": 0.0125 + 0.03 / 8, "window_ratio": 1.3})
+    dense = _timed([0.02, 0.03, 0.01], [False, False, False])
+    assert dense["step_s"] == pytest.approx(0.005) and dense["update"] is None
+    assert dense["mfu"] is None  # no known peak
+
+
+def test_cost_analysis_counts_a_matmul():
+    x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    compiled = jax.jit(lambda a: a @ a).lower(x).compile()
+    assert cost.cost_analysis(compiled)["flops"] == 2 * 8**3  # a multiply-add is 2 FLOPs
+
+    class NoAnalysis:
+        def cost_analysis(self):
+            raise NotImplementedError
+
+    class PerDevice:
+        def cost_analysis(self):
+            return [{"flops": 5.0}, {"flops": 7.0}]
+
+    assert cost.cost_analysis(NoAnalysis()) == {}
+    assert cost.cost_analysis(PerDevice()) == {"flops": 5.0}
+    # XLA counts a loop body once, so a scan's count is one step's (docs/performance.md).
+    assert measure.scan_flops_factor() == 1
+
+
+def test_bench_dataset_is_synthetic_of_the_config_image_shape():
+    config = smoke_config(**{"data.synthetic_channels": 3})
+    dataset = bench.bench_dataset(config)
+    assert dataset.image_shape == (8, 8, 3) and dataset.num_classes == 4
+    assert len(dataset.train_labels) == 4096  # at least 8 batches, at least 4096 images
 
 
 def test_variant_names_parse_and_reject_typos():
     v = bench_variants.Variant.parse("rigl+burden+tome")
     assert (v.head, v.burden, v.tome, v.bf16, v.masked) == ("rigl", True, True, False, True)
-    assert not bench_variants.Variant.parse("dense").masked
+    dense, plain = bench_variants.Variant.parse("dense"), bench_variants.Variant.parse(
+        "plain_jax+bf16")
+    assert (dense.masked, dense.plain, plain.masked, plain.plain) == (False, False, False, True)
     for bad in ("rigel", "gmp+burdn", "plain_jax+burden"):
         with pytest.raises(ValueError):
             bench_variants.Variant.parse(bad)
@@ -90,6 +181,11 @@ def test_variant_configs():
     assert full.pruning.method == "gmp" and full.burden.enabled
     assert full.mitigation.token_merging.mode == "single_pass"
     assert full.model.dtype == "bfloat16"
+    # The persistent mitigation stays on where the method has a persistent variant only.
+    persistent = smoke_config(**{"mitigation.persistent": True})
+    for head, kept in (("gmp", True), ("static", False)):
+        config = bench_variants.variant_config(persistent, bench_variants.Variant.parse(head))
+        assert config.mitigation.persistent is kept, head
 
 
 def test_unmasked_variant_has_no_masks():
@@ -104,11 +200,10 @@ def test_first_update_step_and_peak_table():
     assert first(smoke_config(**{"pruning.method": "gmp"})) == 4  # start_frac 0.1 of 40 steps
     assert first(smoke_config(**{"pruning.method": "rigl"})) == 4
     assert first(smoke_config()) is None
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
-    assert bench.peak_flops("TPU v5 lite", "float32") == 197e12
-    assert bench.peak_flops("cpu", "float32") is None
-    assert bench.scan_flops_factor() in (1, 2)
+    assert measure.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert measure.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert measure.peak_flops("TPU v5 lite", "float32") == 197e12
+    assert measure.peak_flops("cpu", "float32") is None
 
 
 def _result(step_ms: float, window: float | None = None) -> dict:

@@ -1,5 +1,15 @@
-"""``python -m nbjax.bench``."""
+"""``python -m nbjax.bench``: compile time, step time, img/s, FLOPs and memory of nbjax's train
+step, in several variants timed side by side.
 
-from nbjax.bench.runner import run
+    python -m nbjax.bench --config configs/mnist_vit4.py [--config.key=value ...] \\
+        [--variants plain_jax,dense,gmp,rigl,gmp+burden,rigl+burden,gmp+burden+tome] \\
+        [--steps 200] [--warmup 2] [--json out.json] [--torch] [--devices N]
+
+A variant is ``plain_jax`` (a minimal jitted step), ``dense`` (nbjax's step without masks)
+or a pruning method, each with optional ``+burden`` (the burden metrics), ``+tome`` (token
+merging) and ``+bf16`` (bfloat16 compute). docs/performance.md explains every figure.
+"""
+
+from nbjax.bench.cli import run
 
 run()

@@ -1,4 +1,4 @@
-"""The benchmark's report: ratios, the printed table, the issue's targets and the JSON file.
+"""The benchmark's report: ratios, the printed table, the speed targets and the JSON file.
 
 :func:`nbjax.bench.runner.run_bench` returns one JSON-able dict; everything here reads only that
 dict, so a saved ``--json`` file can be re-printed or compared without re-running.
@@ -41,7 +41,7 @@ def format_table(out: dict[str, Any]) -> str:
     dense = out["variants"].get("dense")
     entries = list(out["variants"].items())
     if out["torch"] and "img_s" in out["torch"]:
-        entries.append(("torch_eager", out["torch"]))
+        entries.append((out["torch"]["name"], out["torch"]))
 
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -63,7 +63,8 @@ def format_table(out: dict[str, Any]) -> str:
 
 
 def target_lines(out: dict[str, Any]) -> list[str]:
-    """The issue's targets, checked on these figures (a line each, where they apply)."""
+    """The speed targets of docs/performance.md, checked on these figures (a line each, where
+    they apply)."""
     lines = []
     variants = out["variants"]
     torch_img_s = (out.get("torch") or {}).get("img_s")

@@ -1,19 +1,12 @@
 """The PyTorch eager reference of the benchmark: the same masked ViT train step, in PyTorch.
 
-``python -m nbjax.bench --torch`` times it side by side with the nbjax variants (see
-:mod:`nbjax.bench.runner`). PyTorch is *not* a dependency of nbjax: this module imports ``torch``
-only inside :func:`available` and :class:`TorchStep`, and ``pip install torch`` (a CPU wheel
-is enough) is the user's choice (``pip install -e '.[bench]'``).
-
-The model is what a PyTorch user would write for the nbjax ViT (SPEC.md, "Model"): patch
-embedding (a linear map of the flattened patch), class token, learned position embedding,
-``depth`` pre-LayerNorm blocks with multi-head self-attention (one fused q/k/v projection,
-``F.scaled_dot_product_attention``) and a GELU MLP, final LayerNorm, head on the class
-token. Every block kernel (q/k/v, attention output, fc1, fc2) carries a fixed random mask at
-``sparsity`` (90 % by default), applied as ``W * M`` in the forward pass; after each AdamW
-step the pruned weights are zeroed again, as nbjax's non-persistent methods do. One step is:
-gather a batch by index from the (synthetic) dataset tensor, forward, cross-entropy,
-backward, AdamW, re-mask.
+``python -m nbjax.bench --torch`` times it side by side with the nbjax variants. PyTorch is
+*not* a dependency of nbjax (``pip install -e '.[bench]'`` adds it): this module imports
+``torch`` only inside its functions, and the model (:mod:`nbjax.bench.torch_vit`) only once
+torch is known to be importable. Every block kernel carries a fixed random mask at
+``sparsity``, and the pruned weights are zeroed again after each AdamW step, as nbjax's
+non-persistent methods do. One step: gather a batch by index from the dataset tensor,
+forward, cross-entropy, backward, AdamW, re-mask.
 """
 
 from __future__ import annotations
@@ -21,6 +14,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Any
+
+import jax
+
+from nbjax.bench.timing import Timed
+
+NAME = "torch_eager"  # the reference's name in the printed table and while timing
 
 
 def available() -> bool:
@@ -50,80 +49,6 @@ class TorchShape:
     weight_decay: float = 0.05
 
 
-def _build(shape: TorchShape, seed: int, device: str = "cpu"
-           ) -> tuple[Any, Any, list[tuple[Any, Any]]]:
-    """(model, optimizer, [(weight, mask)]) for ``shape``, on ``device``.
-
-    The weights and masks are drawn on the CPU, so every device starts from the same ones.
-    """
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-    from torch import nn
-
-    torch.manual_seed(seed)
-
-    class MaskedLinear(nn.Linear):
-        def __init__(self, fan_in: int, fan_out: int, sparsity: float) -> None:
-            super().__init__(fan_in, fan_out)
-            mask = torch.rand(fan_out, fan_in) >= sparsity
-            self.register_buffer("mask", mask.to(torch.float32))
-            with torch.no_grad():
-                self.weight.mul_(self.mask)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.weight * self.mask, self.bias)
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            d, s = shape.hidden_dim, shape.sparsity
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.qkv = MaskedLinear(d, 3 * d, s)
-            self.out = MaskedLinear(d, d, s)
-            self.fc1 = MaskedLinear(d, shape.mlp_dim, s)
-            self.fc2 = MaskedLinear(shape.mlp_dim, d, s)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, t, d = x.shape
-            h = shape.num_heads
-            qkv = self.qkv(self.ln1(x)).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-            x = x + self.out(attn.transpose(1, 2).reshape(b, t, d))
-            return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-    class ViT(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            p, d = shape.patch_size, shape.hidden_dim
-            tokens = (shape.image_size // p) ** 2 + 1
-            self.embed = nn.Linear(p * p * shape.channels, d)
-            self.cls = nn.Parameter(torch.zeros(1, 1, d))
-            self.pos = nn.Parameter(torch.randn(1, tokens, d) * 0.02)
-            self.blocks = nn.ModuleList(Block() for _ in range(shape.depth))
-            self.ln = nn.LayerNorm(d)
-            self.head = nn.Linear(d, shape.num_classes)
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            b, c, hh, ww = images.shape
-            p = shape.patch_size
-            patches = images.unfold(2, p, p).unfold(3, p, p)  # [b, c, H/p, W/p, p, p]
-            patches = patches.permute(0, 2, 3, 4, 5, 1).reshape(b, -1, p * p * c)
-            x = self.embed(patches)
-            x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.ln(x)[:, 0])
-
-    model = ViT().to(device)
-    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim == 2]
-    rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.ndim == 2)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": shape.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}],
-                                  lr=shape.learning_rate)
-    masked = [(m.weight, m.mask) for m in model.modules() if isinstance(m, MaskedLinear)]
-    return model, optimizer, masked
-
-
 class TorchStep:
     """One PyTorch eager train step of the masked ViT on ``shape``; call ``run(k)`` to take k.
 
@@ -136,9 +61,11 @@ class TorchStep:
         import torch
         import torch.nn.functional as F  # noqa: N812
 
+        from nbjax.bench import torch_vit
+
         self.shape = shape
         self.device = torch.device(device)
-        self.model, self.optimizer, self.masked = _build(shape, seed, device)
+        self.model, self.optimizer, self.masked = torch_vit.build(shape, seed, device)
         generator = torch.Generator().manual_seed(seed)
         images = torch.randn(num_examples, shape.channels, shape.image_size,
                              shape.image_size, generator=generator)
@@ -188,3 +115,34 @@ class TorchStep:
                 "device": str(self.device),
                 "num_threads": self._torch.get_num_threads(),
                 "shape": dataclasses.asdict(self.shape)}
+
+
+def torch_device() -> str:
+    """'cuda' when JAX runs on a GPU and torch sees one too, else 'cpu': the reference runs
+    on the same kind of device as the nbjax variants."""
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def prepare(base: Any, dataset: Any, threads: int = 0) -> Timed:
+    """The step of ``base``'s model and batch, ready to time as ``torch_eager``; ``threads``:
+    torch's intra-op threads (0: torch's default, one per core)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    m, t = base.model, base.train
+    shape = TorchShape(
+        image_size=int(m.image_size), channels=int(dataset.image_shape[-1]),
+        patch_size=int(m.patch_size), hidden_dim=int(m.hidden_dim), depth=int(m.depth),
+        num_heads=int(m.num_heads), mlp_dim=int(m.mlp_dim), num_classes=dataset.num_classes,
+        batch_size=int(t.batch_size), sparsity=float(base.pruning.sparsity),
+        learning_rate=float(t.learning_rate), weight_decay=float(t.weight_decay))
+    step = TorchStep(shape, device=torch_device())
+    k = int(t.steps_per_call)
+    info = {"name": NAME, "flops_per_step": None, "model_flops_per_step": None,
+            "memory": None, "num_devices": None, **step.describe()}
+    return Timed(NAME, lambda: (step.run(k), False), k, shape.batch_size, info)

@@ -1,7 +1,7 @@
 """The benchmark's variants: what ``dense``, ``gmp+burden`` or ``rigl+burden+tome+bf16`` mean.
 
 A variant is a name: a head (``plain_jax``, ``dense`` or a pruning method) and optional
-``+burden``, ``+tome`` and ``+bf16`` parts (:mod:`nbjax.bench.runner` lists what each runs).
+``+burden``, ``+tome`` and ``+bf16`` parts (docs/performance.md says what each runs).
 :func:`variant_config` turns the user's config into that variant's config.
 """
 
@@ -47,6 +47,11 @@ class Variant:
         return Variant(name.strip(), head, "burden" in rest, "tome" in rest, "bf16" in rest)
 
     @property
+    def plain(self) -> bool:
+        """Whether the variant is the plain-JAX reference step, not nbjax's train call."""
+        return self.head == "plain_jax"
+
+    @property
     def masked(self) -> bool:
         """Whether the variant's state holds masks."""
         return self.head not in ("plain_jax", "dense")
@@ -61,7 +66,8 @@ def unmasked_pruner() -> Any:
 def variant_config(base: Any, variant: Variant) -> Any:
     """A locked copy of ``base`` set up for ``variant``."""
     config = ml_collections.ConfigDict(base.to_dict())
-    config.pruning.method = "none" if variant.head in ("plain_jax", "dense") else variant.head
+    # The unmasked heads run method "none"; ``dense`` also replaces its pruner.
+    config.pruning.method = variant.head if variant.masked else "none"
     config.burden.enabled = variant.burden
     tm = config.mitigation.token_merging
     if not variant.tome:

@@ -39,15 +39,17 @@ COST_BATCH = 8  # batch of the compiled forward whose FLOPs are divided by it
 ANALYTIC_TOLERANCE = 0.10
 
 
-def _flops_of(compiled: Any) -> float | None:
-    """The ``flops`` entry of ``compiled.cost_analysis()`` (a dict in jax 0.10; older versions
-    returned a list with one dict per device), or None if the backend gives none."""
-    analysis = compiled.cost_analysis()
+def cost_analysis(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program (``flops``, ``bytes accessed``, ...), or ``{}``
+    where the backend has none. jax 0.10 returns a dict; older versions returned a list with
+    one dict per device, of which the first is read."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis
+        return {}
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    return float(analysis["flops"])
+    return dict(analysis or {})
 
 
 def compiled_forward_flops(model: model_lib.ViT, image_shape: Sequence[int],
@@ -63,7 +65,7 @@ def compiled_forward_flops(model: model_lib.ViT, image_shape: Sequence[int],
     x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     compiled = jax.jit(model.apply).lower(variables, x).compile()
-    flops = _flops_of(compiled)
+    flops = cost_analysis(compiled).get("flops")
     return None if flops is None else flops / batch
 
 

@@ -1,0 +1,63 @@
+"""The command line of the benchmark: flags in, :func:`nbjax.bench.runner.run_bench`, ``--json``
+out (``python -m nbjax.bench``, or ``nbjax-bench`` once installed)."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from nbjax import config as config_lib
+from nbjax.bench import report as bench_report
+from nbjax.bench.runner import run_bench
+from nbjax.bench.variants import DEFAULT_VARIANTS
+from nbjax.parallel import mesh as sharding_lib
+from nbjax.parallel import runtime
+
+
+def main(argv: list[str]) -> None:
+    """absl entry: validates the config, runs :func:`run_bench`, writes ``--json``."""
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    runtime.enable_compilation_cache()
+    f = flags.FLAGS
+    config = f.config
+    try:
+        config_lib.validate(config)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    out = run_bench(config, f.variants, f.steps, f.warmup, f.torch, f.real_data, f.devices,
+                    torch_threads=f.torch_threads,
+                    config_path=f["config"].config_filename, overrides=overrides)
+    if f.json:
+        bench_report.write_json(out, f.json)
+        print(f"wrote {f.json}")
+
+
+def define_flags() -> None:
+    """Defines the benchmark's flags, as key flags of the program, so ``--help`` lists them."""
+    config_flags.DEFINE_config_file("config", "configs/mnist_vit4.py",
+                                    "Experiment config (.py file).", lock_config=True)
+    flags.DEFINE_list("variants", list(DEFAULT_VARIANTS), "Variants to time, comma-separated: "
+                      "plain_jax, dense or a pruning method, each with optional +burden, "
+                      "+tome, +bf16.")
+    flags.DEFINE_integer("steps", 200, "Timed steps per variant (whole calls).")
+    flags.DEFINE_integer("warmup", 2, "Untimed calls per variant after compiling.")
+    flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
+    flags.DEFINE_bool("torch", False, "Also time the PyTorch eager step (if importable).")
+    flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for --torch (0: torch's "
+                         "default, one per core).")
+    flags.DEFINE_bool("real_data", False, "Use the config's dataset, not synthetic data.")
+    flags.DEFINE_integer("devices", 0, "Use only the first N devices (0 = all).")
+    for name in ("config", "variants", "steps", "warmup", "json", "torch", "torch_threads",
+                 "real_data", "devices"):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+
+def run() -> None:
+    """Console entry: one XLA device per CPU core (before JAX starts), then the benchmark."""
+    sharding_lib.use_all_cpu_cores()
+    define_flags()
+    app.run(main)
