@@ -1,21 +1,22 @@
-"""The paper's grid on real MNIST.
+"""The study grid on real MNIST: methods × sparsities × mitigations × seeds.
 
-Methods × sparsities × mitigations × seeds, plus dense runs:
-``python -m nbjax.study --config configs/study_mnist.py --workdir studies/mnist``.
-Narrow it with e.g. ``--config.grid.methods="('gmp','pdwp')" --config.grid.seeds="(0,1)"``,
-and change every run with ``--config.base.<key>=<value>``.
+gmp, static, rigl, set, pdwp (in that order) × sparsity 0.5 / 0.9 / 0.98 × mitigation none /
+tome / both (where the method has it: static and pdwp have no separate "both"), dense and
+dense + tome, seeds 0, 1, 2; 123 cells. Records go to ``docs/results/mnist/cells``:
+``python -m nbjax.study --config configs/study_mnist.py --workdir studies/mnist`` (docs/study.md).
+Narrow it with e.g. ``--config.grid.methods="('gmp',)"``; change every run with
+``--config.base.<key>=<value>``.
 """
 
 from pathlib import Path
 
-import ml_collections
-
 from nbjax.config import load_config_file
-from nbjax.study.runner import grid_config
+from nbjax.study.grid import grid_config, study_config
 
 
 def get_config():
-    study = ml_collections.ConfigDict()
-    study.base = load_config_file(Path(__file__).with_name("mnist_vit4.py"))
-    study.grid = grid_config()
-    return study
+    base = load_config_file(Path(__file__).with_name("mnist_vit4.py"))
+    grid = grid_config(methods=("gmp", "static", "rigl", "set", "pdwp"),
+                       sparsities=(0.5, 0.9, 0.98), mitigations=("none", "tome", "both"),
+                       seeds=(0, 1, 2))
+    return study_config(name="mnist", base=base, grid=grid)

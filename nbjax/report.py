@@ -2,7 +2,7 @@
 
     python -m nbjax.report WORKDIR                      # PNGs + report.md into WORKDIR
     python -m nbjax.report RUN_A RUN_B --out DIR        # the runs overlaid, one colour each
-    python -m nbjax.report STUDY_DIR                    # a study (nbjax.study.report)
+    python -m nbjax.report STUDY_DIR                    # a study's records (nbjax.study.report)
 
 Reads each workdir's ``metrics.jsonl`` (one JSON object per logged step), ``config.json`` and
 ``final_metrics.json`` as :mod:`nbjax.train.loop` writes them, and draws against the training step:
@@ -22,13 +22,10 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from nbjax.study import report as study_report  # noqa: E402
+from nbjax.study import plots
+from nbjax.study import report as study_report
 
 B = "burden"
 # Where the total sparsity is logged (the pruning methods own it, nbjax.pruning.common).
@@ -72,6 +69,7 @@ class RunLog:
 
     @property
     def method(self) -> str:
+        """The run's pruning method (``?`` without a config)."""
         return str(self.config.get("pruning", {}).get("method", "?"))
 
     def sparsity(self) -> tuple[np.ndarray, np.ndarray]:
@@ -130,45 +128,27 @@ def block_names(runs: Sequence[RunLog], metric: str) -> list[str]:
 
 
 def _colors(runs: Sequence[RunLog]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {run.label: cmap(i % 10) for i, run in enumerate(runs)}
-
-
-def _save(fig: Any, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _grid(rows: int, cols: int, width: float = 3.6, height: float = 2.8) -> tuple[Any, Any]:
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    return fig, axes
+    return plots.palette([run.label for run in runs])
 
 
 def _plot_runs(ax: Any, runs: Sequence[RunLog], colors: dict[str, Any],
                get: Callable[[RunLog], tuple[np.ndarray, np.ndarray]], **kwargs: Any) -> bool:
-    drew = False
-    for run in runs:
-        x, y = get(run)
-        if len(x):
-            ax.plot(x, y, color=colors[run.label], label=run.label, **kwargs)
-            drew = True
-    return drew
+    """One line per run through ``get(run)``; False if no run has a point."""
+    return plots.curves(ax, {run.label: (*get(run), None) for run in runs}, colors, **kwargs)
 
 
 def plot_burden_index(runs: Sequence[RunLog], path: str) -> str | None:
     """``burden/index`` against the step, one line per run. None if no run logs it."""
     colors = _colors(runs)
-    fig, axes = _grid(1, 1, 6.0, 3.6)
+    fig, axes = plots.panels(1, 1, 6.0, 3.6)
     ax = axes[0, 0]
     if not _plot_runs(ax, runs, colors, lambda r: r.series(f"{B}/index")):
-        plt.close(fig)
+        plots.discard(fig)
         return None
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
     ax.set(xlabel="step", ylabel="burden index (mean load over blocks)", title="Burden index")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def plot_block_metric(runs: Sequence[RunLog], metric: str, path: str, title: str,
@@ -178,7 +158,7 @@ def plot_block_metric(runs: Sequence[RunLog], metric: str, path: str, title: str
     if not blocks:
         return None
     colors = _colors(runs)
-    fig, axes = _grid(1, len(blocks))
+    fig, axes = plots.panels(1, len(blocks))
     for ax, block in zip(axes[0], blocks, strict=True):
         _plot_runs(ax, runs, colors, lambda r, b=block: r.series(f"{B}/{metric}/{b}"))
         if reference is not None:
@@ -187,7 +167,7 @@ def plot_block_metric(runs: Sequence[RunLog], metric: str, path: str, title: str
     axes[0, 0].set_ylabel(metric)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def _plot_block_grid(runs: Sequence[RunLog], metrics: Sequence[str], path: str, title: str,
@@ -198,7 +178,7 @@ def _plot_block_grid(runs: Sequence[RunLog], metrics: Sequence[str], path: str, 
         return None
     blocks = block_names(runs, metrics[0])
     colors = _colors(runs)
-    fig, axes = _grid(len(metrics), len(blocks))
+    fig, axes = plots.panels(len(metrics), len(blocks))
     for row, metric in enumerate(metrics):
         for col, block in enumerate(blocks):
             ax = axes[row, col]
@@ -213,7 +193,7 @@ def _plot_block_grid(runs: Sequence[RunLog], metrics: Sequence[str], path: str, 
                 ax.set_xlabel("step")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def plot_unit_fractions(runs: Sequence[RunLog], path: str) -> str | None:
@@ -236,7 +216,7 @@ def plot_survivors(runs: Sequence[RunLog], path: str) -> str | None:
 def plot_sparsity_accuracy(runs: Sequence[RunLog], path: str) -> str:
     """Sparsity, train accuracy and test accuracy against the step, runs overlaid."""
     colors = _colors(runs)
-    fig, axes = _grid(1, 3)
+    fig, axes = plots.panels(1, 3)
     _plot_runs(axes[0, 0], runs, colors, RunLog.sparsity)
     axes[0, 0].set(title="sparsity (total)", xlabel="step", ylim=(-0.02, 1.0))
     _plot_runs(axes[0, 1], runs, colors, lambda r: r.series("train/accuracy"))
@@ -244,7 +224,7 @@ def plot_sparsity_accuracy(runs: Sequence[RunLog], path: str) -> str:
     _plot_runs(axes[0, 2], runs, colors, lambda r: _test_accuracy(r), marker="o", ms=3)
     axes[0, 2].set(title="test accuracy", xlabel="step")
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def _test_accuracy(run: RunLog) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +240,7 @@ def _test_accuracy(run: RunLog) -> tuple[np.ndarray, np.ndarray]:
 def plot_burden_vs_sparsity(runs: Sequence[RunLog], path: str) -> str | None:
     """The burden index against the sparsity at the same logged steps, one curve per run."""
     colors = _colors(runs)
-    fig, axes = _grid(1, 1, 5.0, 3.6)
+    fig, axes = plots.panels(1, 1, 5.0, 3.6)
     ax = axes[0, 0]
 
     def paired(run: RunLog) -> tuple[np.ndarray, np.ndarray]:
@@ -271,11 +251,11 @@ def plot_burden_vs_sparsity(runs: Sequence[RunLog], path: str) -> str | None:
         return s[si], b[bi]
 
     if not _plot_runs(ax, runs, colors, paired, marker=".", ms=4):
-        plt.close(fig)
+        plots.discard(fig)
         return None
     ax.set(xlabel="sparsity (total)", ylabel="burden index", title="Burden vs sparsity")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 FIGURES: tuple[tuple[str, Callable[[Sequence[RunLog], str], str | None]], ...] = (
@@ -289,12 +269,9 @@ FIGURES: tuple[tuple[str, Callable[[Sequence[RunLog], str], str | None]], ...] =
 )
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def write_summary(runs: Sequence[RunLog], figures: Sequence[str], path: str) -> str:
     """``report.md``: per run, final accuracy, sparsity and burden; then the figures."""
+    fmt = plots.fmt
     lines = ["# Burden report", "",
              "Metrics are defined in `docs/burden.md`; load and the burden index are 1 for "
              "the dense layer at the reference step.", "",
@@ -304,7 +281,7 @@ def write_summary(runs: Sequence[RunLog], figures: Sequence[str], path: str) -> 
     for run in runs:
         _, sparsity = run.sparsity()
         blocks = [b for b in block_names([run], "load") if b.startswith("block_")]
-        loads = " / ".join(_fmt(run.last(f"{B}/load/{b}"), 2) for b in blocks) or "–"
+        loads = " / ".join(fmt(run.last(f"{B}/load/{b}"), 2) for b in blocks) or plots.MISSING
 
         def mean_last(metric: str, r: RunLog = run) -> float | None:
             vals = [r.last(f"{B}/{metric}/{b}") for b in block_names([r], metric)]
@@ -312,10 +289,9 @@ def write_summary(runs: Sequence[RunLog], figures: Sequence[str], path: str) -> 
             return float(np.mean(vals)) if vals else None
 
         lines.append(
-            f"| {run.label} | {run.method} | {_fmt(sparsity[-1] if len(sparsity) else None)} "
-            f"| {_fmt(run.last('test/accuracy'), 4)} | {_fmt(run.last(f'{B}/index'))} "
-            f"| {loads} | {_fmt(mean_last('dormant_frac'))} "
-            f"| {_fmt(mean_last('overload_frac'))} |")
+            f"| {run.label} | {run.method} | {fmt(sparsity[-1] if len(sparsity) else None)} "
+            f"| {fmt(run.last('test/accuracy'), 4)} | {fmt(run.last(f'{B}/index'))} "
+            f"| {loads} | {fmt(mean_last('dormant_frac'))} | {fmt(mean_last('overload_frac'))} |")
     lines += ["", "Values are the last logged ones. Workdirs:", ""]
     lines += [f"- `{run.label}`: `{run.workdir}`" for run in runs]
     lines += ["", "## Figures", ""]
@@ -354,9 +330,13 @@ def make_report(workdirs: Sequence[str], out: str | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
+    """``python -m nbjax.report``: the run report, or a study's when given one study
+    directory or records store."""
     parser = argparse.ArgumentParser(prog="python -m nbjax.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdirs", nargs="+", help="run directories (with metrics.jsonl)")
+    parser.add_argument("workdirs", nargs="+",
+                        help="run directories (with metrics.jsonl), or one study directory "
+                        "or records store (with cells/)")
     parser.add_argument("--out", default=None,
                         help="where the PNGs and report.md go (default: the one workdir)")
     parser.add_argument("--labels", default=None,
@@ -365,9 +345,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     labels = args.labels.split(",") if args.labels else None
     if len(args.workdirs) == 1 and study_report.is_study(args.workdirs[0]):
         paths = study_report.write_study_report(args.workdirs[0], args.out)
-        print(paths)
-        return [paths]
-    paths = make_report(args.workdirs, args.out, labels)
+    else:
+        paths = make_report(args.workdirs, args.out, labels)
     for p in paths:
         print(p)
     return paths
