@@ -121,25 +121,9 @@ def bipartite_soft_matching(metric: jax.Array, r: int, protect_cls: bool = True)
         empty = jnp.zeros((B, 0), jnp.int32)
         return MergePlan(unm, empty, empty)
 
-    m = jax.lax.stop_gradient(metric).astype(jnp.float32)
-    m = m * jax.lax.rsqrt(jnp.maximum(jnp.sum(m * m, axis=-1, keepdims=True), _EPS**2))
-    a, b = m[:, 0::2], m[:, 1::2]
-    scores = jnp.einsum("bic,bjc->bij", a, b)  # [B, nA, nB] cosine similarities
-    node_max = jnp.max(scores, axis=-1)  # [B, nA] each A token's best score
-    node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # its B match (first max on ties)
-    if protect_cls:
-        node_max = node_max.at[:, 0].set(-jnp.inf)
-    node_max = jnp.where(jnp.isnan(node_max), -jnp.inf, node_max)  # keep the ranks a permutation
-
-    # Rank of each A token in "best score descending, ties by ascending A index" order, i.e. its
-    # position in a stable argsort of -node_max. Computed by pairwise comparison ([B, nA, nA],
-    # the size of the score matrix) instead of a sort: no sort or scatter, so it fuses and
-    # vectorises on CPU, GPU and TPU alike (and measured faster than argsort on CPU).
+    node_max, node_idx = _best_matches(metric, protect_cls)
+    rank = _rank_descending(node_max)
     ia = jnp.arange(num_a, dtype=jnp.int32)
-    vi, vj = node_max[:, :, None], node_max[:, None, :]
-    ahead = (vj > vi) | ((vj == vi) & (ia[None, :] < ia[:, None])[None])
-    rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # [B, nA], a permutation of 0..nA-1
-
     # Merged: the A tokens ranked 0..r-1, listed in rank order.
     pick = rank[:, :, None] == jnp.arange(r, dtype=jnp.int32)[None, None, :]  # [B, nA, r]
     src_idx = jnp.sum(jnp.where(pick, ia[None, :, None], 0), axis=1, dtype=jnp.int32)
@@ -152,6 +136,34 @@ def bipartite_soft_matching(metric: jax.Array, r: int, protect_cls: bool = True)
     unm_idx = jnp.sum(jnp.where(place, ia[None, :, None], 0), axis=1, dtype=jnp.int32)
     dst_idx = jnp.take_along_axis(node_idx, src_idx, axis=-1)
     return MergePlan(unm_idx, src_idx, dst_idx)
+
+
+def _best_matches(metric: jax.Array, protect_cls: bool) -> tuple[jax.Array, jax.Array]:
+    """Each A token's best cosine similarity to a B token ([B, nA]) and that B token's index
+    (the first maximum on ties); the class token and NaN scores rank last (-inf)."""
+    m = jax.lax.stop_gradient(metric).astype(jnp.float32)
+    m = m * jax.lax.rsqrt(jnp.maximum(jnp.sum(m * m, axis=-1, keepdims=True), _EPS**2))
+    a, b = m[:, 0::2], m[:, 1::2]
+    scores = jnp.einsum("bic,bjc->bij", a, b)  # [B, nA, nB] cosine similarities
+    node_max = jnp.max(scores, axis=-1)
+    node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    if protect_cls:
+        node_max = node_max.at[:, 0].set(-jnp.inf)
+    node_max = jnp.where(jnp.isnan(node_max), -jnp.inf, node_max)  # keep the ranks a permutation
+    return node_max, node_idx
+
+
+def _rank_descending(values: jax.Array) -> jax.Array:
+    """Each entry's position in a stable argsort of ``-values`` along the last axis.
+
+    Computed by pairwise comparison ([B, n, n], the size of the score matrix) instead of a
+    sort: no sort or scatter, so it fuses and vectorises on CPU, GPU and TPU alike (and
+    measured faster than argsort on CPU).
+    """
+    ia = jnp.arange(values.shape[-1], dtype=jnp.int32)
+    vi, vj = values[:, :, None], values[:, None, :]
+    ahead = (vj > vi) | ((vj == vi) & (ia[None, :] < ia[:, None])[None])
+    return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
 
 
 def _merge_sum_one(
