@@ -26,9 +26,14 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6.1",  # TensorBoard event files without TensorFlow (docs/tensorboard.md)
+        "safetensors>=0.4",  # nbjax.export
     ],
     extras_require={
-        "test": ["pytest>=8.0", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+        "test": ["pytest>=8.0", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+                 "tensorboard>=2.16"],
+        # the TensorBoard viewer (`tensorboard --logdir RUN`; nbjax itself only writes)
+        "tensorboard": ["tensorboard>=2.16"],
         # gcsfs: gs:// workdirs (etils.epath reads and writes them through fsspec/gcsfs)
         "gcs": ["gcsfs>=2024.2.0"],
         "tpu": ["jax[tpu]>=0.7.0", "gcsfs>=2024.2.0"],
