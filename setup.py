@@ -16,7 +16,7 @@ setup(
         "jax>=0.7.0",
         "flax>=0.11.0",
         "optax>=0.2.4",
-        "orbax-checkpoint>=0.11.0",
+        "orbax-checkpoint>=0.12.8",
         "tensorflow-datasets>=4.9.6",
         "importlib_resources>=6.0",  # tensorflow-datasets needs it on Python 3.11, undeclared
         "array_record>=0.5.0",  # TFDS data sources without TensorFlow

@@ -95,13 +95,15 @@ pack_checkout() {
 
 # install_script FETCH_SRC EXTRA: the remote shell script that installs nbjax[EXTRA] into
 # ~/$REMOTE_VENV from ~/$REMOTE_TARBALL (after running FETCH_SRC, which may download it),
-# with the interpreter PYTHON_BIN (apt-installed if missing).
+# with the interpreter PYTHON_BIN (apt-installed if missing; refused if older than 3.11).
 install_script() {
   local py apt script
   py=$(shq "$PYTHON_BIN")
   apt="sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q"
   script="set -e; cd ~; $1"
   script+="if ! command -v $py >/dev/null 2>&1; then sudo apt-get update -q && $apt $py $py-venv; fi; "
+  # nbjax's JAX needs Python >= 3.11: stop here, with one line, rather than fail in pip.
+  script+="$py -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo \"nbjax needs Python >= 3.11 but $py on \$(hostname) is \$($py -V 2>&1); pass --python python3.11 (or newer)\" >&2; exit 1; }; "
   script+="rm -rf $REMOTE_SRC && mkdir $REMOTE_SRC; "
   script+="if tar -tzf $REMOTE_TARBALL | grep -Eq \"^(\\./)?pyproject\\.toml\$\"; then strip=0; else strip=1; fi; "
   script+="tar -xzf $REMOTE_TARBALL -C $REMOTE_SRC --strip-components=\"\$strip\"; "

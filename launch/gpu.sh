@@ -28,7 +28,7 @@ Required:
   --hosts H1,H2,...        ssh hosts (names from ~/.ssh/config work); the first one is
                            the coordinator and process 0
   --config PATH            nbjax config, relative to the source root,
-                           e.g. configs/mnist.py (required by the run step)
+                           e.g. configs/mnist_vit4.py (required by the run step)
   --workdir DIR            run directory: a gs:// bucket path, or a path on the hosts
                            (absolute, or relative to the source root ~/$REMOTE_SRC);
                            with several hosts it must be shared by all of them (NFS,
@@ -57,7 +57,7 @@ Options:
 Arguments after '--' are passed to nbjax.main on the hosts, each as one word.
 
 Example:
-  $PROG --hosts gpu-a,gpu-b --user me --config configs/mnist.py \\
+  $PROG --hosts gpu-a,gpu-b --user me --config configs/mnist_vit4.py \\
       --workdir /shared/nbjax/run1 --config-overrides "--config.pruning.method=gmp" --dry-run
 EOF
 }

@@ -29,7 +29,7 @@ Required:
   --accelerator TYPE       accelerator type, e.g. v4-8, v4-32, v5litepod-16
                            (required by the create step)
   --config PATH            nbjax config, relative to the source root,
-                           e.g. configs/mnist.py (required by the run step)
+                           e.g. configs/mnist_vit4.py (required by the run step)
   --workdir DIR            run directory on the workers: a gs:// bucket path, or a
                            path on the workers' disks (absolute, or relative to the
                            source root ~/$REMOTE_SRC); required by run and fetch
@@ -62,7 +62,7 @@ Arguments after '--' are passed to nbjax.main on the workers, each as one word.
 
 Example:
   $PROG --name nb-v4 --zone us-central2-b --accelerator v4-8 \\
-      --config configs/mnist.py --workdir gs://my-bucket/nbjax/run1 \\
+      --config configs/mnist_vit4.py --workdir gs://my-bucket/nbjax/run1 \\
       --config-overrides "--config.pruning.method=gmp" --dry-run
 EOF
 }

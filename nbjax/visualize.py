@@ -39,7 +39,9 @@ from etils import epath
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from nbjax import errors
 from nbjax.data import pipeline as data_lib
+from nbjax.model import build as model_build
 from nbjax.model import vit as model_lib
 
 PyTree = Any
@@ -192,18 +194,35 @@ def _update(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run wrote to ``workdir/config.json``, on top of the current defaults."""
+    """The config of the run in ``workdir``: its config.json, plus the changes recorded in
+    config_changes.jsonl since, on top of the current defaults."""
     from nbjax import config as config_lib
+    from nbjax.train import workdir as workdir_lib
 
+    path = epath.Path(workdir) / workdir_lib.CONFIG_NAME
+    if not path.exists():
+        raise errors.NotFoundError(f"{workdir} has no {workdir_lib.CONFIG_NAME}",
+                               "give the --workdir of a run started by python -m nbjax.main")
     config = config_lib.base_config()
-    _update(config, json.loads((epath.Path(workdir) / "config.json").read_text()))
+    _update(config, json.loads(path.read_text()))
+    stored = workdir_lib.stored_config(epath.Path(workdir)) or {}
+    schema = config_lib.flat_items(config)
+    for key, value in stored.items():
+        if key in schema and value != schema[key]:  # a change recorded after config.json
+            *parents, leaf = key.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
     return config_lib.lock(config)
 
 
 def restore_run(workdir: str | os.PathLike,
                 config: ml_collections.ConfigDict | None = None) -> tuple[Any, Any]:
-    """``(run, state)``: the built run (:func:`nbjax.train.loop.build`) and its latest
-    checkpoint."""
+    """``(run, state)``: the built run (:func:`nbjax.train.loop.build`) and its newest good
+    checkpoint (a damaged newer one is skipped with a warning)."""
+    import sys
+
     from nbjax.train import checkpoint as checkpoint_lib
     from nbjax.train import loop
 
@@ -211,10 +230,15 @@ def restore_run(workdir: str | os.PathLike,
     run = loop.build(config)
     ckpt = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints")
     try:
-        state = ckpt.restore(checkpoint_lib.abstract_like(run.state))
+        restored = ckpt.restore_latest_good(checkpoint_lib.abstract_like(run.state),
+                                            lambda line: print(line, file=sys.stderr),
+                                            set_aside=False)
     finally:
         ckpt.close()
-    return run, state
+    if restored is None:
+        raise errors.NotFoundError(f"{workdir} has no checkpoint yet",
+                               "train it first (python -m nbjax.main ... --workdir WORKDIR)")
+    return run, restored[0]
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -233,12 +257,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     run, state = restore_run(args.workdir)
-    model = model_lib.build_model(run.config, run.dataset.num_classes)
+    model = model_build.build_model(run.config, run.dataset.num_classes)
     merge_r = None
     if args.keep_ratio is not None:
         from nbjax.tome import merge as tome
 
-        r = tome.single_pass_r(model_lib.num_input_tokens(run.config), args.keep_ratio)
+        r = tome.single_pass_r(model_build.num_input_tokens(run.config), args.keep_ratio)
         merge_r = [r] + [0] * (len(model.merge_r) - 1)
     elif not any(model.merge_r):
         warnings.warn("this run does not merge tokens (mode off): every patch is its own "
@@ -254,4 +278,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

@@ -54,6 +54,43 @@ def run_steps(config, num_calls, state=None):
     history = []
     for c in range(num_calls):
         idx = jax.device_put(order.block(c * k, k))
-        state, metrics = run.train_chunk(state, run.train_images, run.train_labels, idx)
+        state, metrics = run.train_call(state, run.train_images, run.train_labels, idx)
         history.append(jax.device_get(metrics))
     return run, state, history
+
+
+def run_nbjax(*args, config="configs/smoke.py", wait=True, preexec_fn=None, timeout=300):
+    """``python -m nbjax.main --config CONFIG ARGS...`` in a subprocess on 2 CPU devices.
+
+    Returns the CompletedProcess (text output), or with ``wait=False`` the running Popen.
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "NBJAX_VERBOSE"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "nbjax.main"]
+    command += ["--config", str(config)] if config else []
+    command += [str(a) for a in args]
+    if not wait:
+        return subprocess.Popen(command, cwd=root, env=env, text=True, preexec_fn=preexec_fn,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=preexec_fn)
+
+
+def error_lines(proc):
+    """The ``error: ...`` lines of a finished nbjax command; fails on a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def snapshot(directory):
+    """{relative path: sha256} of every file under ``directory``: equal means untouched."""
+    import hashlib
+
+    root = pathlib.Path(directory)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

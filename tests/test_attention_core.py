@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbjax.model.vit import attention_core
+from nbjax.model.attention import attention_core
 
 
 def reference(q, k, v, bias):

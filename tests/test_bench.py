@@ -22,7 +22,7 @@ from nbjax.bench import runner as bench
 from nbjax.bench import torch_ref as bench_torch
 from nbjax.bench import variants as bench_variants
 from nbjax.bench.timing import Timed
-from nbjax.model import vit as model_lib
+from nbjax.model import build as model_build
 from nbjax.parallel.mesh import make_mesh
 from nbjax.pruning import make_pruner
 from nbjax.tome import cost
@@ -61,7 +61,7 @@ def test_bench_command_prints_and_writes_the_same_figures(tmp_path):
     assert result["num_devices"] == jax.device_count()  # the test session's XLA_FLAGS
     assert (result["batch_size"], result["steps_per_call"], result["steps"]) == (32, 4, 16)
     assert list(result["variants"]) == ["dense", "gmp+burden"]
-    model = model_lib.build_model(smoke_config(), 4)
+    model = model_build.build_model(smoke_config(), 4)
     forward = cost.compiled_forward_flops(model, (8, 8, 1))
     for r in result["variants"].values():
         assert r["num_calls"] == 4 and r["num_devices"] == jax.device_count()
@@ -242,7 +242,7 @@ def test_torch_reference_step_runs():
 def test_bf16_compute_trains_smoke_config_with_fp32_state():
     config = smoke_config(**{"model.dtype": "bfloat16"})
     run = loop.build(config, smoke_dataset(), mesh=make_mesh(jax.devices()[:1]))
-    model = model_lib.build_model(config, run.dataset.num_classes)
+    model = model_build.build_model(config, run.dataset.num_classes)
     assert model.dtype == jnp.bfloat16
     images = jnp.zeros((2, *run.dataset.image_shape), jnp.float32)
     jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p, "masks": run.state.masks},
@@ -254,7 +254,7 @@ def test_bf16_compute_trains_smoke_config_with_fp32_state():
     state, losses = run.state, []
     for c in range(10):
         idx = jax.device_put(order.block(c * k, k))
-        state, metrics = run.train_chunk(state, run.train_images, run.train_labels, idx)
+        state, metrics = run.train_call(state, run.train_images, run.train_labels, idx)
         losses.append(np.asarray(metrics["train/loss"]))
     assert np.all(np.isfinite(np.concatenate(losses)))
     assert np.mean(losses[-1]) < 0.5 * losses[0][0], (losses[0][0], np.mean(losses[-1]))

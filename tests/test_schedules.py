@@ -63,11 +63,22 @@ def test_is_update_step_hand_list():
     ]
 
 
+def test_is_update_step_past_t1_keeps_the_grid_and_t1():
+    """pdwp re-ranks past t1 (``last_step``) on the grid from t0, and at t1 off the grid."""
+    kw = dict(start_step=10, end_step=35, every=10, last_step=62)
+    expected = [10, 20, 30, 35, 40, 50, 60]
+    assert [t for t in range(80) if sch.is_update_step(t, **kw)] == expected
+    f = jax.jit(lambda t: sch.is_update_step(t, **kw))
+    assert [t for t in range(80) if bool(f(jnp.int32(t)))] == expected
+
+
 def test_is_update_step_validation():
     with pytest.raises(ValueError, match="every"):
         sch.is_update_step(0, start_step=0, end_step=10, every=0)
     with pytest.raises(ValueError, match="end_step"):
         sch.is_update_step(0, start_step=10, end_step=5, every=1)
+    with pytest.raises(ValueError, match="last_step"):
+        sch.is_update_step(0, start_step=0, end_step=10, every=2, last_step=9)
 
 
 def test_cosine_drop_fraction_by_hand():
@@ -88,20 +99,6 @@ def test_cosine_drop_fraction_by_hand():
         sch.cosine_drop_fraction(0, initial=0.3, end_step=0)
     with pytest.raises(ValueError):
         sch.cosine_drop_fraction(0, initial=1.5, end_step=10)
-
-
-def test_warmup_cosine_lr():
-    sched = sch.warmup_cosine_lr(1.0, warmup_steps=10, total_steps=110, end_lr_factor=0.1)
-    assert float(sched(0)) == pytest.approx(0.0)
-    assert float(sched(5)) == pytest.approx(0.5)
-    assert float(sched(10)) == pytest.approx(1.0)
-    assert float(sched(60)) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half-way in cosine
-    assert float(sched(110)) == pytest.approx(0.1)
-    assert float(sched(1000)) == pytest.approx(0.1)
-    with pytest.raises(ValueError):
-        sch.warmup_cosine_lr(1.0, warmup_steps=10, total_steps=10)
-    with pytest.raises(ValueError):
-        sch.warmup_cosine_lr(0.0, warmup_steps=0, total_steps=10)
 
 
 def test_validate_sparsity():

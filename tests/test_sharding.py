@@ -20,11 +20,13 @@ import pytest
 from helpers import smoke_config, smoke_dataset
 from jax.sharding import PartitionSpec as P
 
-from nbjax.model import vit as model
+from nbjax.model.build import build_model
+from nbjax.model.vit import MAX_STATS
+from nbjax.parallel import collectives
 from nbjax.parallel import mesh as sharding
 from nbjax.pruning import make_pruner
 from nbjax.train import checkpoint, loop
-from nbjax.train import step as train
+from nbjax.train.state import TrainState
 
 METHODS = ("none", "gmp", "pdwp")
 STEPS = 8  # two calls of 4 steps; gmp/pdwp prune to initial_sparsity at their t0 = step 4
@@ -48,14 +50,14 @@ def method_config(method: str, **overrides):
     return config
 
 
-def run_calls(run: loop.Run, state: train.TrainState, first_step: int, num_steps: int):
+def run_calls(run: loop.Run, state: TrainState, first_step: int, num_steps: int):
     """Runs ``num_steps`` steps from ``first_step`` through the loop's own feeding code."""
     order = loop.BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
                             run.config.seed)
     k = run.config.train.steps_per_call
     history = []
     for step in range(first_step, first_step + num_steps, k):
-        state, metrics = run.train_chunk(state, run.train_images, run.train_labels,
+        state, metrics = run.train_call(state, run.train_images, run.train_labels,
                                          loop.train_indices(run, order, step, k))
         history.append(jax.device_get(metrics))
     return state, {key: np.concatenate([h[key] for h in history]) for key in history[0]}
@@ -64,8 +66,8 @@ def run_calls(run: loop.Run, state: train.TrainState, first_step: int, num_steps
 @dataclasses.dataclass
 class Trained:
     run: loop.Run
-    mid: train.TrainState  # a copy of the state after STEPS // 2 steps
-    final: train.TrainState  # after STEPS steps
+    mid: TrainState  # a copy of the state after STEPS // 2 steps
+    final: TrainState  # after STEPS steps
     metrics: dict[str, np.ndarray]  # every step's metrics, [STEPS]
 
 
@@ -147,8 +149,8 @@ MERGING = (("mitigation.token_merging.mode", "every_layer"), ("mitigation.token_
 
 def test_flat_gradient_reduce_equals_the_compilers():
     flat, compiler = trained("gmp", 8), trained("gmp", 8, extra=COMPILER_REDUCE)
-    assert sharding.flat_grad_reduce(flat.run.config, flat.run.mesh)  # the CPU default
-    assert not sharding.flat_grad_reduce(compiler.run.config, compiler.run.mesh)
+    assert collectives.grad_reduce_mode(flat.run.config, flat.run.mesh) == "flat"  # CPU default
+    assert collectives.grad_reduce_mode(compiler.run.config, compiler.run.mesh) == "compiler"
     assert_metrics_close(flat.metrics, compiler.metrics)
     assert_trees_close(flat.final, compiler.final)
 
@@ -165,7 +167,7 @@ def _all_reduce_operands(run: loop.Run) -> list[list[str]]:
     config = run.config
     order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
     idx = loop.train_indices(run, order, 0, config.train.steps_per_call)
-    hlo = run.train_chunk.lower(run.state, run.train_images, run.train_labels,
+    hlo = run.train_call.lower(run.state, run.train_images, run.train_labels,
                                 idx).compile().as_text()
     return [re.findall(r"\w+\[[\d,]*\]", result)
             for result in re.findall(r"= (.+?) all-reduce(?:-start)?\(", hlo)]
@@ -211,7 +213,7 @@ def test_sharded_loss_and_grad_combines_shards_as_the_global_batch():
     loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     want = loss_and_grad(params, {}, images, labels)
     mesh = mesh_of(8)
-    got = jax.jit(train.sharded_loss_and_grad(loss_and_grad, mesh))(
+    got = jax.jit(collectives.sharded_loss_and_grad(loss_and_grad, mesh, MAX_STATS))(
         params, {}, jax.device_put(images, sharding.batch_sharding(mesh)),
         jax.device_put(labels, sharding.batch_sharding(mesh)))
     assert float(jnp.max(images)) != float(jnp.max(images[:2]))  # a per-shard max would differ
@@ -222,26 +224,34 @@ def test_flat_psum_is_the_per_leaf_psum():
     mesh = mesh_of(8)
     tree = {"a": jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 2, 3),
             "b": jnp.arange(8, dtype=jnp.int32).reshape(8, 1), "c": jnp.ones((8,), jnp.float32)}
-    summed = jax.jit(jax.shard_map(sharding.flat_psum, mesh=mesh, in_specs=P(sharding.DATA_AXIS),
-                                   out_specs=P(), check_vma=False))(tree)
+    summed = jax.jit(jax.shard_map(collectives.flat_psum, mesh=mesh,
+                                   in_specs=P(sharding.DATA_AXIS), out_specs=P(),
+                                   check_vma=False))(tree)
     want = jax.tree.map(lambda x: jnp.sum(x, axis=0, keepdims=True), tree)
     assert_trees_close(summed, want, exact=True)
     assert summed["b"].dtype == jnp.int32
 
 
-@pytest.mark.parametrize("mode,devices,state_mode,flat", [
-    ("auto", 8, "replicated", True), ("auto", 1, "replicated", False),
-    ("auto", 8, "fsdp", False), ("compiler", 8, "replicated", False),
-    ("flat", 8, "replicated", True)])
-def test_flat_grad_reduce_choice(mode, devices, state_mode, flat):
+@pytest.mark.parametrize("mode,devices,state_mode,chosen", [
+    ("auto", 8, "replicated", "flat"), ("auto", 1, "replicated", "compiler"),
+    ("auto", 8, "fsdp", "compiler"), ("compiler", 8, "replicated", "compiler"),
+    ("flat", 8, "replicated", "flat"), ("flat", 1, "replicated", "compiler")])
+def test_grad_reduce_mode_choice(mode, devices, state_mode, chosen):
     config = smoke_config(**{"sharding.grad_reduce": mode, "sharding.mode": state_mode})
-    assert sharding.flat_grad_reduce(config, mesh_of(devices)) is flat
+    assert collectives.grad_reduce_mode(config, mesh_of(devices)) == chosen
 
 
-def test_flat_grad_reduce_refuses_fsdp():
+def test_grad_reduce_mode_refuses_flat_with_fsdp():
     config = smoke_config(**{"sharding.grad_reduce": "flat", "sharding.mode": "fsdp"})
     with pytest.raises(ValueError, match="grad_reduce='flat' needs sharding.mode='replicated'"):
-        sharding.flat_grad_reduce(config, mesh_of(8))
+        collectives.grad_reduce_mode(config, mesh_of(8))
+
+
+def test_flat_step_needs_its_mesh():
+    with pytest.raises(ValueError, match="needs the mesh"):
+        collectives.check_grad_reduce("flat", None)
+    with pytest.raises(ValueError, match="allowed"):
+        collectives.check_grad_reduce("auto", mesh_of(8))  # a config value, not a mode
 
 
 def test_fsdp_equals_replicated_and_shards_large_leaves():
@@ -361,7 +371,7 @@ def test_eval_with_padded_last_batch_counts_each_example_once(devices):
     assert len(dataset.test_labels) % config.train.eval_batch_size != 0  # 200 = 3 * 64 + 8
     got = loop.evaluate(t.run, t.final)
     # reference: every test example once, in one plain forward pass on the host's device
-    net = model.build_model(config, dataset.num_classes)
+    net = build_model(config, dataset.num_classes)
     params, masks = jax.device_get((t.final.params, t.final.masks))
     images = (dataset.test_images.astype(np.float32) / 255.0 - np.asarray(dataset.mean)) / (
         np.asarray(dataset.std))

@@ -17,6 +17,8 @@ from helpers import run_steps, smoke_config, smoke_dataset
 
 from nbjax import config as config_lib
 from nbjax import visualize
+from nbjax.model import build as model_build
+from nbjax.model import token_stats
 from nbjax.model import vit as model_lib
 from nbjax.pruning import base as pruning_base
 from nbjax.tome import cost as flops
@@ -33,7 +35,7 @@ HALF = {"mitigation.token_merging.mode": "single_pass",
 def smoke_params():
     """Params of the smoke ViT (merging adds none, so every schedule shares them); the
     compiled init (random initialisers) is slow enough on a busy CPU to do only once."""
-    model = model_lib.build_model(smoke_config(), num_classes=4)
+    model = model_build.build_model(smoke_config(), num_classes=4)
     return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
 
 
@@ -45,20 +47,20 @@ def registered_methods() -> list[str]:
 
 
 def test_smoke_and_default_schedules():
-    assert model_lib.num_input_tokens(smoke_config()) == SMOKE_TOKENS
-    assert model_lib.tome_schedule(smoke_config(**HALF), SMOKE_TOKENS) == [8, 0]
+    assert model_build.num_input_tokens(smoke_config()) == SMOKE_TOKENS
+    assert model_build.tome_schedule(smoke_config(**HALF), SMOKE_TOKENS) == [8, 0]
     # The default MNIST model: patch 7 -> 17 tokens; half -> r = 8 (the most that can merge).
     config = config_lib.base_config()
-    assert model_lib.num_input_tokens(config) == 17
+    assert model_build.num_input_tokens(config) == 17
     config.mitigation.token_merging.mode = "single_pass"
-    assert model_lib.tome_schedule(config, 17) == [8, 0, 0, 0]
+    assert model_build.tome_schedule(config, 17) == [8, 0, 0, 0]
     config.mitigation.token_merging.mode = "every_layer"
     config.mitigation.token_merging.r = 2
-    assert model_lib.tome_schedule(config, 17) == [2, 2, 2, 2]
+    assert model_build.tome_schedule(config, 17) == [2, 2, 2, 2]
 
 
 def test_jitted_model_with_merging_compiles_once():
-    model = model_lib.build_model(smoke_config(**HALF), num_classes=4)
+    model = model_build.build_model(smoke_config(**HALF), num_classes=4)
     assert tuple(model.merge_r) == (8, 0)
     traces = {"n": 0}
 
@@ -81,7 +83,7 @@ def test_jitted_model_with_merging_compiles_once():
 def test_proportional_attention_sees_sizes_after_the_merge():
     """Block 1 of a single-pass model attends with log(size): feeding it the merged sizes
     must change its output compared with sizes of one (so the bias is really applied)."""
-    model = model_lib.build_model(smoke_config(**HALF), num_classes=4)
+    model = model_build.build_model(smoke_config(**HALF), num_classes=4)
     params = smoke_params()
     block = model_lib.Block(model.num_heads, model.mlp_dim)
     tokens = jax.random.normal(jax.random.PRNGKey(4), (2, 9, model.hidden_dim))
@@ -100,7 +102,7 @@ def test_proportional_attention_sees_sizes_after_the_merge():
 
 def stats_of(config):
     """The model's ``'stats'`` of one forward pass (no jit, no train step)."""
-    model = model_lib.build_model(config, num_classes=4)
+    model = model_build.build_model(config, num_classes=4)
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
     _, aux = jax.jit(lambda p: model.apply({"params": p}, x, mutable=["stats"]))(
         smoke_params())
@@ -110,7 +112,7 @@ def stats_of(config):
 def test_every_layer_sows_tokens_per_block_without_burden():
     config = smoke_config(**{"mitigation.token_merging.mode": "every_layer",
                              "mitigation.token_merging.r": 3, "burden.enabled": False})
-    m = model_lib.token_metrics(stats_of(config))
+    m = token_stats.token_metrics(stats_of(config))
     assert sorted(m) == sorted(f"tokens/{k}block_{i}" for i in range(2)
                                for k in ("", "mean_size/", "max_size/"))
     assert [int(m[f"tokens/block_{i}"]) for i in range(2)] == \
@@ -121,7 +123,7 @@ def test_every_layer_sows_tokens_per_block_without_burden():
 
 @pytest.mark.parametrize("burden", [True, False])
 def test_no_token_metrics_without_merging(burden):
-    assert model_lib.token_metrics(stats_of(smoke_config(**{"burden.enabled": burden}))) == {}
+    assert token_stats.token_metrics(stats_of(smoke_config(**{"burden.enabled": burden}))) == {}
 
 
 # ----------------------------------------------------------------------------- the train step
@@ -231,7 +233,7 @@ def test_startup_report_prints_and_writes_json(tmp_path):
 def test_plot_merges_writes_png(tmp_path):
     config = smoke_config(**HALF)
     ds = smoke_dataset()
-    model = model_lib.build_model(config, ds.num_classes)
+    model = model_build.build_model(config, ds.num_classes)
     params = smoke_params()
     images = ds.test_images[:3]
     groups = visualize.merge_groups(model, params, None,

@@ -4,12 +4,18 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import one_device_mesh, run_steps, smoke_config, smoke_dataset
 
+from nbjax.model.build import build_model
 from nbjax.train import checkpoint, loop
-from nbjax.train import step as train
+from nbjax.train.optimizer import learning_rate_schedule, make_optimizer
+from nbjax.train.state import TrainState
+
+LR, END = 1e-3, 0.1  # peak learning rate and end factor of the schedule tests
 
 
 def test_loss_falls_on_learnable_task():
@@ -72,7 +78,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
 
     def interrupting_build(*args, **kwargs):
         run = real_build(*args, **kwargs)
-        chunk = run.train_chunk
+        chunk = run.train_call
 
         def maybe_interrupt(*a):
             calls["n"] += 1
@@ -80,7 +86,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             return chunk(*a)
 
-        run.train_chunk = maybe_interrupt
+        run.train_call = maybe_interrupt
         return run
 
     monkeypatch.setattr(loop, "build", interrupting_build)
@@ -118,7 +124,7 @@ def test_eval_counts_every_example_once():
     from nbjax.data import pipeline as data
 
     images = data.normalize(run.dataset.test_images, run.dataset.mean, run.dataset.std)
-    model_logits = loop.model_lib.build_model(config, run.dataset.num_classes).apply(
+    model_logits = build_model(config, run.dataset.num_classes).apply(
         {"params": run.state.params, "masks": run.state.masks}, images)
     expected = float(np.mean(np.argmax(model_logits, -1) == run.dataset.test_labels))
     assert metrics["test/accuracy"] == pytest.approx(expected, abs=1e-6)
@@ -134,7 +140,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
 def test_optimizer_state_is_part_of_train_state():
     config = smoke_config()
     run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
-    assert isinstance(run.state, train.TrainState)
+    assert isinstance(run.state, TrainState)
     assert int(run.state.step) == 0
 
 
@@ -195,3 +201,43 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
         expected = json.load(f)
     with open(cut_dir / "final_metrics.json") as f:
         assert json.load(f) == expected
+
+
+def schedule_config(**overrides):
+    return smoke_config(**{"train.learning_rate": LR, "train.end_lr_factor": END,
+                           "train.warmup_steps": 5, **overrides})
+
+
+def test_learning_rate_schedule_hand_values():
+    # 45 steps: linear warm-up 0 -> LR over steps 0..5, then a cosine over the 40 steps
+    # 5..45 from LR down to END * LR; its midpoint (step 25) is halfway between the two.
+    schedule = learning_rate_schedule(schedule_config(), 45)
+    expected = {0: 0.0, 2: 2 / 5 * LR, 5: LR, 25: (LR + END * LR) / 2, 45: END * LR,
+                60: END * LR}
+    for step, value in expected.items():
+        assert float(schedule(step)) == pytest.approx(value, rel=1e-6, abs=1e-12), step
+    # A quarter into the cosine: END*LR + (LR - END*LR) * (1 + cos(pi/4)) / 2.
+    quarter = END * LR + (LR - END * LR) * (1 + np.cos(np.pi / 4)) / 2
+    assert float(schedule(15)) == pytest.approx(quarter, rel=1e-6)
+
+
+def test_warmup_is_cut_to_leave_a_decay_step():
+    schedule = learning_rate_schedule(schedule_config(), 3)  # warm-up 5 > 3 - 1 steps
+    assert [float(schedule(t)) for t in (0, 1, 2)] == pytest.approx([0.0, LR / 2, LR])
+    assert float(schedule(3)) == pytest.approx(END * LR)
+
+
+def test_optimizer_steps_with_the_schedule():
+    """Adam on a constant gradient moves each weight by lr(t) per step (m/sqrt(v) = 1, up to
+    float32 rounding of the bias corrections); a bias has no weight decay, so the steps of the
+    optimizer are the schedule's values (neighbouring steps differ by far more than 1e-4)."""
+    config, total = schedule_config(), 45
+    tx, schedule = make_optimizer(config, total), learning_rate_schedule(config, total)
+    params = {"bias": jnp.zeros(3)}
+    grads = {"bias": jnp.full(3, 0.25)}
+    state = tx.init(params)
+    for step in range(total):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(updates["bias"], -float(schedule(step)), rtol=1e-4,
+                                   atol=1e-12, err_msg=str(step))

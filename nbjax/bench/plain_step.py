@@ -17,7 +17,7 @@ from nbjax.bench import measure
 from nbjax.bench.timing import Timed
 from nbjax.bench.variants import Variant, variant_config
 from nbjax.data import pipeline as data_lib
-from nbjax.model import vit as model_lib
+from nbjax.model import build as model_build
 from nbjax.tome import cost
 from nbjax.train import step as train
 
@@ -27,7 +27,7 @@ def prepare(variant: Variant, base: Any, dataset: Any, device: Any, cache: measu
     """Builds and compiles the plain step of ``variant`` (``plain_jax`` or ``plain_jax+bf16``)
     on ``device``; a call takes ``train.steps_per_call`` steps, one dispatch each."""
     config = variant_config(base, variant)
-    model = model_lib.build_model(config, dataset.num_classes)
+    model = model_build.build_model(config, dataset.num_classes)
     t = config.train
     tx = optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
     batch, k = int(t.batch_size), int(t.steps_per_call)

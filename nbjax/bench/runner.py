@@ -20,6 +20,7 @@ from nbjax.bench import report as bench_report
 from nbjax.bench.timing import Timed, time_interleaved
 from nbjax.bench.variants import DEFAULT_VARIANTS, Variant
 from nbjax.data import pipeline as data_lib
+from nbjax.parallel import collectives
 from nbjax.parallel import mesh as sharding_lib
 
 
@@ -115,7 +116,7 @@ def _machine(config: Any, mesh: Any) -> dict[str, Any]:
     """The platform, device kind and count, and which gradient all-reduce the step uses."""
     device = mesh.devices.flat[0]
     num_devices = int(mesh.devices.size)
-    flat = sharding_lib.flat_grad_reduce(config, mesh) if num_devices > 1 else None
+    grad_reduce = collectives.grad_reduce_mode(config, mesh) if num_devices > 1 else None
     return {"platform": device.platform, "device_kind": device.device_kind,
             "num_devices": num_devices,
-            "grad_reduce": None if flat is None else ("flat" if flat else "compiler")}
+            "grad_reduce": grad_reduce}

@@ -16,7 +16,7 @@ import numpy as np
 from nbjax.bench import measure
 from nbjax.bench.timing import Timed
 from nbjax.bench.variants import Variant, unmasked_pruner, variant_config
-from nbjax.model import vit as model_lib
+from nbjax.model import build as model_build
 from nbjax.parallel import mesh as sharding_lib
 from nbjax.tome import cost
 from nbjax.train import loop
@@ -34,11 +34,11 @@ def prepare(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup: int,
     order = loop.BatchOrder(len(dataset.train_labels), batch, config.seed)
     blocks = [loop.train_indices(run, order, i * k, k) for i in range(NUM_INDEX_BLOCKS)]
     compiled, compile_info = measure.compile_timed(
-        run.train_chunk, (run.state, run.train_images, run.train_labels, blocks[0]), cache)
+        run.train_call, (run.state, run.train_images, run.train_labels, blocks[0]), cache)
     n = mesh.devices.size
     # XLA counts one device's program and the scan's body once: per step, times the devices.
     flops = cost.cost_analysis(compiled).get("flops")
-    model = model_lib.build_model(config, dataset.num_classes)
+    model = model_build.build_model(config, dataset.num_classes)
     info = {"name": variant.name, **compile_info,
             "flops_per_step": flops * n / measure.scan_flops_factor() if flops else None,
             "model_flops_per_step": model_flops.per_step(model, dataset.image_shape, batch),

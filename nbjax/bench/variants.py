@@ -14,7 +14,7 @@ import ml_collections
 
 from nbjax import config as config_lib
 from nbjax import pruning
-from nbjax.pruning import Pruner
+from nbjax.pruning import Pruner, PruneResult
 
 DEFAULT_VARIANTS = ("plain_jax", "dense", "gmp", "rigl", "gmp+burden", "rigl+burden",
                     "gmp+burden+tome")
@@ -60,7 +60,7 @@ class Variant:
 def unmasked_pruner() -> Any:
     """A pruner with no masks and no pruning state: nbjax's step with nothing masked."""
     return Pruner("unmasked", persistent=False, init=lambda params, rng: ({}, {}),
-                  update=lambda ctx: ctx)
+                  update=PruneResult.unchanged)
 
 
 def variant_config(base: Any, variant: Variant) -> Any:

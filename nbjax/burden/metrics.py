@@ -1,69 +1,10 @@
-"""Neural burden metrics, computed inside the jit-compiled train step (SPEC.md, "Burden metrics").
+"""The neural-burden metrics, one function each on plain arrays, and the reference step.
 
-In a brain that loses neurons the survivors carry the load of the lost ones. In a network
-pruned while it trains, the surviving connections and units must carry the signal that the
-pruned ones carried. This module measures that, per block, at (almost) every step, from
-reductions that the model does itself: every :class:`~nbjax.model.vit.MaskedLinear` sows
-``in_abs_mean`` = e_j = E|x_j|, the mean absolute value of each of its input features over
-batch and tokens. Nothing of shape [batch, tokens, features] leaves the step and nothing
-waits for the host.
-
-Notation, for one prunable kernel W (input features j, outputs i; the kernel's leading axes
-are its inputs, e.g. [D, H, Dh] for a query projection or [H, Dh, D] for the attention
-output), mask M (True = kept), n = number of entries of W, k = number kept:
-
-=====================  ======================================================================
-metric                 formula (see the function of the same name)
-=====================  ======================================================================
-``load``               mean over kept (j,i) of e_j|W_ji|  /  mean over all (j,i) of e⁰_j|W⁰_ji|
-``overload_frac``      share of units with a_u / mean(a) >= kappa
-``dormant_frac``       share of units with a_u / mean(a) <= tau (ReDo's dormant score)
-``pruned_signal``      ||x (W ⊙ (1 - M))||² / ||x W||²
-``kept_weight_rms``    rms of kept W  /  the same at the reference step
-``kept_grad_rms``      rms of the dense gradient at kept positions
-``index``              mean over blocks of ``load``
-=====================  ======================================================================
-
-**Which network a step's metrics describe.** The metrics logged for step t (the step that
-processes batch t, ``state.step == t`` before it) describe the network that processed batch
-t: the activations of its forward pass, the params and masks it ran with (before the
-optimizer update and the mask update of step t), and the gradient it produced. The one
-exception is ``pruned_signal``, measured at the *end* of step t: with the params after the
-optimizer update and the masks after the mask update of step t (see :func:`pruned_signal`).
-
-**Reference step** (:func:`reference_step`). ``load`` and ``kept_weight_rms`` are relative to
-the network at a reference step t_ref: the first mask update of the gradual schedule
-(``pruning.start_frac`` of training) for the schedule-based methods ``gmp`` and ``pdwp``, and
-step 0 for every other method (``set``, ``rigl``, ``static`` start sparse; ``none`` never
-prunes). The reference is captured twice at most: at step 0 (so every step has one), and
-again at t_ref when t_ref > 0. So before pruning starts a gmp/pdwp run's load is measured
-against step 0, exactly 1 at step 0, and exactly 1 again at t_ref (the schedule's first
-update happens at the *end* of step t_ref, so the network of step t_ref is still dense); the
-first step that runs a pruned network, t_ref + 1 or the next update, shows the jump. The
-reference denominator is that of the *dense* layer: for the non-persistent methods that start
-sparse, whose pruned weights are zeroed at initialisation, it uses the dense initial weights
-(their per-input-feature sums |W| are kept in the burden state at init), so a random mask at
-step 0 reads as load ≈ 1 and only what happens afterwards (compensation) moves it.
-
-**Cost.** ``load``, ``overload_frac``, ``dormant_frac``, ``kept_weight_rms`` and
-``kept_grad_rms`` are a few reductions over the kernels, the gradients and the sown
-per-feature means: O(parameters) a step, against O(batch × tokens × parameters) for the step
-itself. ``pruned_signal`` needs the layers' inputs x and a second matmul per layer, so it
-runs a second, forward-only pass of the model (:class:`~nbjax.model.vit.MaskedLinear` with
-``measure_pruned``) under ``lax.cond`` only on the steps that measure it; the step compiles
-once. ``burden.enabled=False`` removes all of it, the statistics of the model included.
-
-**Held values.** On steps that do not measure ``pruned_signal`` the logged value is the last
-measurement, held in the burden state (``burden/pruned_signal_step`` says which step that
-was; -1 = never, the value is then 0). Holding rather than logging NaN means the loop, which
-logs the last step of each logging window, always shows the latest measurement.
-
-Turnover, re-activated count and exploration at mask updates are the pruning methods' own
-metrics (``nbjax.pruning``); they are logged once, under the pruning prefix, not duplicated.
-
-This module holds the metrics, one function each on plain arrays, and the reference step;
-:mod:`nbjax.burden.tracker` holds the burden state and the per-step function the train step
-calls, built from them.
+Every :class:`~nbjax.model.vit.MaskedLinear` sows e_j = E|x_j| (``in_abs_mean``), the mean
+absolute value of each input feature over batch and tokens; the metrics are reductions over
+it, the kernels, their masks and the gradient. :mod:`nbjax.burden.tracker` computes them
+inside the train step from these functions. What each metric means, why it reads as burden,
+which network a step's metrics describe and what they cost: docs/burden.md.
 """
 
 from __future__ import annotations
@@ -80,12 +21,11 @@ PyTree = Any
 PREFIX = "burden"
 STAT = "in_abs_mean"  # what every MaskedLinear sows: E|x_j| over batch and tokens
 PRUNED_SQ, DENSE_SQ = "pruned_sq", "dense_sq"  # what the probe pass sows (measure_pruned)
-MASK_UPDATED = "pruning/mask_updated"  # the pruning methods' flag: 1.0 on mask-update steps
 TINY = 1e-30
 
 
 # --------------------------------------------------------------------------------------------
-# The metrics, one function each, on plain arrays (what the tracker and the tests call)
+# The metrics, one function each, on plain arrays (what the tracker calls)
 # --------------------------------------------------------------------------------------------
 
 
@@ -151,20 +91,15 @@ def reference_load(e: jax.Array, kernel: jax.Array, mask: jax.Array | None = Non
     return (total + jnp.sum(e * rest)) / kernel.size
 
 
-def load(e: jax.Array, kernel: jax.Array, mask: jax.Array | None, reference: jax.Array,
-         kept_sum: jax.Array | None = None) -> jax.Array:
+def load(numerator: jax.Array, reference: jax.Array) -> jax.Array:
     """``load`` = mean over kept (j,i) of e_j|W_ji|  /  mean over all (j,i) of e⁰_j|W⁰_ji|.
 
-    The mean signal carried per surviving connection, relative to the dense layer at the
-    reference step (``reference`` = :func:`reference_load` there). Exactly 1 at the
-    reference step of a dense layer. It rises when fewer connections carry the signal:
-    through *selection* (magnitude pruning keeps the largest weights, so right after a
-    magnitude prune load > 1) and through *compensation* (survivors, or the activations
-    feeding them, grow while training). Both are the burden. A dense layer whose weights
-    and activations keep their scale stays near 1, so dividing by density is not what
-    moves it: it comes from the weights and activations actually present.
+    ``numerator``: :func:`load_numerator` of this step; ``reference``: :func:`reference_load`
+    of the dense layer at the reference step. The mean signal one surviving connection
+    carries, relative to the dense layer's average connection: exactly 1 at the reference
+    step of a dense layer; it rises by selection and by compensation (docs/burden.md).
     """
-    return load_numerator(e, kernel, mask, kept_sum) / reference
+    return numerator / reference
 
 
 def _relative_activity(a: jax.Array) -> jax.Array:
@@ -192,38 +127,15 @@ def dormant_frac(a: jax.Array, tau: float) -> jax.Array:
     return jnp.mean(_relative_activity(a) <= tau, dtype=jnp.float32)
 
 
-def pruned_signal_from_sums(pruned_sq: jax.Array, dense_sq: jax.Array) -> jax.Array:
-    """``pruned_sq / dense_sq``, 0 where the dense output is 0 (see :func:`pruned_signal`)."""
-    return jnp.where(dense_sq > 0, pruned_sq / jnp.maximum(dense_sq, TINY), 0.0)
+def pruned_signal(pruned_sq: jax.Array, dense_sq: jax.Array) -> jax.Array:
+    """``pruned_signal`` = ||x (W ⊙ (1 - M))||² / ||x W||², 0 where the dense output is 0.
 
-
-def pruned_signal(x: jax.Array, kernel: jax.Array, mask: jax.Array | None,
-                  in_axes: int = 1) -> jax.Array:
-    """``pruned_signal`` = ||x (W ⊙ (1 - M))||² / ||x W||², over the whole batch and tokens.
-
-    The reconstruction cost of the mask: the share of the layer's dense output energy (bias
-    excluded) that the mask withholds, given the input x the pruned network delivers to the
-    layer. 0 for an all-kept mask, 1 for an all-pruned one. W must be the *dense* kernel;
-    in a train step it is measured by a forward-only probe pass in which every
-    MaskedLinear sows the two squared norms (``measure_pruned``), this function is the same
-    formula on explicit arrays. When measured, and with which W and M:
-
-    * Persistent methods (pdwp, ``mitigation.persistent``) keep the dense W, so the value is
-      measured every ``burden.every`` steps and at each mask update, with the params after
-      the optimizer update and the masks after the mask update: the signal the current mask
-      withholds from the current dense weights.
-    * Non-persistent methods zero their pruned weights, so between updates W ⊙ (1 - M) = 0
-      and the value would be 0 by construction. It is measured at each mask update only,
-      with the params *before* the update (the weights about to be pruned still hold their
-      values) and the new mask: the share of the signal that the update removed. It is held
-      until the next update; 0 before the first (and always for ``none``).
+    The share of a layer's dense output energy (bias excluded, over batch and tokens) that
+    its mask withholds, from the two squared norms the probe pass sows
+    (:class:`~nbjax.model.vit.MaskedLinear` with ``measure_pruned``): 0 for an all-kept
+    mask, 1 for an all-pruned one. When it is measured, and with which W: docs/burden.md.
     """
-    kept = jnp.tensordot(x, jnp.where(mask, kernel, 0.0) if mask is not None else kernel,
-                         axes=in_axes)
-    removed = (jnp.tensordot(x, jnp.where(mask, 0.0, kernel), axes=in_axes)
-               if mask is not None else jnp.zeros_like(kept))
-    return pruned_signal_from_sums(jnp.sum(removed.astype(jnp.float32) ** 2),
-                                   jnp.sum((kept + removed).astype(jnp.float32) ** 2))
+    return jnp.where(dense_sq > 0, pruned_sq / jnp.maximum(dense_sq, TINY), 0.0)
 
 
 def kept_rms(x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -234,16 +146,14 @@ def kept_rms(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.sqrt(jnp.sum(sq) / jnp.maximum(_kept_count(x, mask), 1.0))
 
 
-def kept_weight_rms(kernel: jax.Array, mask: jax.Array | None,
-                    reference: jax.Array) -> jax.Array:
-    """``kept_weight_rms`` = rms of the kept weights / rms of the kept weights at the reference.
+def kept_weight_rms(rms: jax.Array, reference_rms: jax.Array) -> jax.Array:
+    """``kept_weight_rms`` = rms of the kept weights / the same at the reference step.
 
-    Do the survivors grow to compensate? 1 at the reference step; above 1 when the kept
-    weights are larger than the reference's kept weights, by selection (magnitude pruning
-    keeps the large ones) or by growth under training. ``reference`` is :func:`kept_rms` of
-    the kernel and mask at the reference step.
+    ``rms`` and ``reference_rms`` are :func:`kept_rms` of the kernel and its mask now and at
+    the reference step. Do the survivors grow? 1 at the reference step, above 1 when the kept
+    weights are larger, by selection or by growth under training.
     """
-    return kept_rms(kernel, mask) / jnp.maximum(reference, TINY)
+    return rms / jnp.maximum(reference_rms, TINY)
 
 
 def kept_grad_rms(grad: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -255,9 +165,61 @@ def kept_grad_rms(grad: jax.Array, mask: jax.Array | None) -> jax.Array:
     return kept_rms(grad, mask)
 
 
-def burden_index(block_loads: Sequence[jax.Array]) -> jax.Array:
-    """``index`` = mean over blocks of ``load``: one number per step, the network's burden."""
-    return jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in block_loads]))
+def selection_numerator(reference_e: jax.Array, reference_abs_w: jax.Array,
+                        mask: jax.Array | None) -> jax.Array:
+    """mean over kept (j,i) of e⁰_j |W⁰_ji|: the survivors' load as they were at the reference.
+
+    ``reference_e`` and ``reference_abs_w`` are e and |W| of the reference step (per input
+    feature and per entry), ``mask`` the current one: what the connections kept *now* carried
+    in the dense layer, before any training on the mask.
+    """
+    return load_numerator(reference_e, reference_abs_w, mask)
+
+
+def selection(selection_num: jax.Array, reference: jax.Array) -> jax.Array:
+    """``selection`` = :func:`selection_numerator` / :func:`reference_load`.
+
+    How much more than the dense layer's average connection the kept connections carried at
+    the reference: the part of ``load`` that choosing them explains. 1 for a dense layer, ≈ 1
+    on average for a random mask, above 1 when the largest weights are kept.
+    """
+    return selection_num / reference
+
+
+def compensation(numerator: jax.Array, selection_num: jax.Array) -> jax.Array:
+    """``compensation`` = :func:`load_numerator` / :func:`selection_numerator`.
+
+    How much more the same kept connections carry now than at the reference: the part of
+    ``load`` that training on the mask explains. ``selection × compensation == load`` (per
+    kernel, up to rounding); 0 when the survivors carried nothing at the reference.
+    """
+    return numerator / jnp.maximum(selection_num, TINY)
+
+
+def compensation_rms(rms: jax.Array, reference_rms: jax.Array) -> jax.Array:
+    """``compensation_rms`` = rms of the kept weights now / rms of the same entries' |W⁰|.
+
+    ``rms``: :func:`kept_rms` of the kernel and its current mask; ``reference_rms``: the same
+    of the reference |W⁰| and the *current* mask. Did the survivors' weights grow since the
+    reference? Unlike ``kept_weight_rms``, a prune that keeps the largest weights leaves it 1.
+    """
+    return rms / jnp.maximum(reference_rms, TINY)
+
+
+def compensation_grad(rms: jax.Array, reference_rms: jax.Array) -> jax.Array:
+    """``compensation_grad`` = rms of the dense gradient now / rms of |g⁰|, both over the kept
+    entries of the current mask: how much harder the loss pushes the survivors than it pushed
+    the same connections at the reference."""
+    return rms / jnp.maximum(reference_rms, TINY)
+
+
+def burden_index(block_values: Sequence[jax.Array]) -> jax.Array:
+    """``index`` = mean over blocks of ``load``: one number per step, the network's burden.
+
+    ``selection_index`` and ``compensation_index`` are the same mean of ``selection`` and
+    ``compensation``.
+    """
+    return jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in block_values]))
 
 
 # --------------------------------------------------------------------------------------------

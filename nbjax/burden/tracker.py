@@ -1,10 +1,11 @@
-"""The burden tracker: the burden state and the function the train step calls every step.
+"""The burden tracker: the burden state and the per-step update the train step calls.
 
 :func:`make_tracker` builds a :class:`BurdenTracker` for a config and model. Its ``init``
-makes the burden state (the reference values, held per kernel) and calling it inside the
-jitted step computes that step's ``burden/...`` metrics from the metric functions of
-:mod:`nbjax.burden.metrics` (what each metric means, and which network a step's metrics describe,
-is documented there and in docs/burden.md).
+makes the burden state (the reference values, held per kernel); its ``update``, inside the
+jitted step, takes the step's :class:`BurdenInput` and returns the new state and the step's
+``burden/...`` metrics, computed with the functions of :mod:`nbjax.burden.metrics` from the
+grouped per-kernel sums of :mod:`nbjax.burden.sums`. What each metric means, and which
+network a step's metrics describe: docs/burden.md.
 """
 
 from __future__ import annotations
@@ -21,27 +22,53 @@ from jax import lax
 
 from nbjax.burden.metrics import (
     DENSE_SQ,
-    MASK_UPDATED,
     PREFIX,
     PRUNED_SQ,
     STAT,
-    TINY,
     burden_index,
+    compensation,
+    compensation_grad,
+    compensation_rms,
     dormant_frac,
-    kept_abs_sums,
-    kept_grad_rms,
-    kept_rms,
-    load_numerator,
+    kept_weight_rms,
+    load,
     overload_frac,
-    pruned_signal_from_sums,
-    reference_load,
+    pruned_signal,
     reference_step,
+    selection,
 )
-from nbjax.parallel import mesh as sharding_lib
+from nbjax.burden.sums import REFERENCE_ENTRIES, KernelSums, kernel_sums
+from nbjax.parallel import collectives
 from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import Pruner
 
 PyTree = Any
+# The per-block metrics averaged over the transformer blocks, and their index's name.
+INDEXES = {"load": "index", "selection": "selection_index",
+           "compensation": "compensation_index"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BurdenInput:
+    """What one train step hands the tracker (a pytree).
+
+    ``params`` and ``masks`` are those the step ran with (its forward pass, before any update
+    of the step), ``updated_params`` the params after the optimizer update and before the
+    mask update (the weights a non-persistent update is about to zero still hold their
+    values), ``new_masks`` the masks after the mask update, ``mask_updated`` whether the
+    pruning method recomputed them this step.
+    """
+
+    step: jax.Array  # int32 scalar: the step that ran (0-based)
+    params: PyTree
+    masks: PyTree
+    grads: PyTree  # the step's dense gradient
+    stats: PyTree  # the model's 'stats' collection of the step's forward pass
+    images: jax.Array  # the step's batch as the model saw it (augmented, normalised)
+    updated_params: PyTree
+    new_masks: PyTree
+    mask_updated: jax.Array  # bool scalar
 
 
 def _group(path: str) -> str:
@@ -66,11 +93,13 @@ def _mean(values: Sequence[jax.Array]) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class BurdenTracker:
-    """The burden state's init and the function the train step calls after each update.
+    """The burden state's init and the update the train step calls after its pruning update.
 
     ``kernels``: the paths of every MaskedLinear kernel (those whose layer sows ``STAT``);
     a kernel with no mask counts as all kept. ``probe``: the model with ``measure_pruned``
-    (and no ``collect_stats``), for the ``pruned_signal`` pass.
+    (and no ``collect_stats``), for the ``pruned_signal`` pass. ``grad_reduce``: as the train
+    step's (:func:`nbjax.parallel.collectives.grad_reduce_mode`); ``'flat'`` runs the probe
+    pass per batch shard of ``mesh`` and adds its sums as one flat buffer.
     """
 
     kernels: tuple[str, ...]
@@ -81,7 +110,8 @@ class BurdenTracker:
     every: int
     kappa: float
     tau: float
-    flat_mesh: Any = None  # set: the probe pass runs per batch shard, its sums as one buffer
+    grad_reduce: str = "compiler"
+    mesh: Any = None
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -102,13 +132,15 @@ class BurdenTracker:
         Holds, per kernel: the reference ``load`` denominator and kept-weight rms (captured
         by the first step), the per-input-feature Σ_i |W_init| of the initial weights a
         non-persistent method zeroes at init (for the dense reference of a sparse start),
-        and the held ``pruned_signal``; plus the steps of the reference and the last
-        ``pruned_signal`` measurement.
+        the per-entry reference |W| (the dense initial |W| until a capture replaces its kept
+        entries) and |g| and the per-feature reference e of ``selection`` and
+        ``compensation``, and the held ``pruned_signal``; plus the steps of the reference
+        and the last ``pruned_signal`` measurement.
         """
         params = masks_lib.flatten(dense_params)
         flat_masks = masks_lib.flatten(masks)
         nan = jnp.full((), jnp.nan, jnp.float32)
-        init_pruned = {}
+        init_pruned, ref_e = {}, {}
         for p, in_ndim in zip(self.kernels, self.in_ndims, strict=True):
             w, m = params[p], flat_masks.get(p)
             colsum = jnp.zeros(w.shape[:in_ndim], jnp.float32)
@@ -116,68 +148,88 @@ class BurdenTracker:
                 pruned = jnp.where(m, 0.0, jnp.abs(w.astype(jnp.float32)))
                 colsum = jnp.sum(pruned, axis=tuple(range(in_ndim, w.ndim)))
             init_pruned[p] = colsum
+            ref_e[p] = jnp.zeros(w.shape[:in_ndim], jnp.float32)
         per_kernel = lambda value: masks_lib.nest({p: value for p in self.kernels})
         return {
             "ref_load": per_kernel(nan),
             "ref_rms": per_kernel(nan),
             "init_pruned_abs_colsum": masks_lib.nest(init_pruned),
+            "ref_abs_w": masks_lib.nest({p: jnp.abs(params[p].astype(jnp.float32))
+                                         for p in self.kernels}),
+            "ref_abs_g": masks_lib.nest({p: jnp.zeros(params[p].shape, jnp.float32)
+                                         for p in self.kernels}),
+            "ref_e": masks_lib.nest(ref_e),
             "pruned_signal": per_kernel(jnp.zeros((), jnp.float32)),
             "reference_step": jnp.full((), -1, jnp.int32),
             "pruned_signal_step": jnp.full((), -1, jnp.int32),
         }
 
-    def __call__(self, state_before: Any, state_after: Any, grads: PyTree, stats: PyTree, *,
-                 images: jax.Array, pre_prune_params: PyTree,
-                 prune_metrics: Mapping[str, jax.Array] | None = None,
-                 ) -> tuple[PyTree, dict[str, jax.Array]]:
-        """The new burden state and this step's metrics (``burden/...``), inside jit.
-
-        ``state_before``/``state_after``: the train state before and after the step;
-        ``grads``: the dense gradient; ``stats``: the model's ``'stats'`` collection;
-        ``images``: the step's (augmented, normalised) batch; ``pre_prune_params``: the
-        params after the optimizer update, before the mask update touched them.
-        """
-        b = state_before.burden
-        step = state_before.step
-        params = masks_lib.flatten(state_before.params)
-        masks = masks_lib.flatten(state_before.masks)
-        flat_grads = masks_lib.flatten(grads)
-        flat_stats = masks_lib.flatten(stats)
-        ref_load = masks_lib.flatten(b["ref_load"])
-        ref_rms = masks_lib.flatten(b["ref_rms"])
-        init_pruned = masks_lib.flatten(b["init_pruned_abs_colsum"])
-
-        # Reference capture: at step 0 and at the reference step (scalars per kernel).
-        capture = (step == 0) | (step == self.reference_step)
+    def update(self, burden: PyTree, inputs: BurdenInput
+               ) -> tuple[PyTree, dict[str, jax.Array]]:
+        """The new burden state and this step's metrics (``burden/...``), inside jit."""
+        flat_stats = masks_lib.flatten(inputs.stats)
         e = {p: _stat(flat_stats, p, STAT) for p in self.kernels}
-        # The reference candidates are computed every step, in the same grouped pass as the
-        # metrics, and kept only at a capture step: a select, where a lax.cond would cost a
-        # host round trip per step on a GPU (XLA reads a conditional's predicate on the host).
-        load_num, new_ref_load, w_rms, g_rms = _kernel_sums(
-            self.kernels, e, params, masks, flat_grads, init_pruned, step == 0)
-        ref_load = {p: jnp.where(capture, new_ref_load[p], ref_load[p]) for p in self.kernels}
-        ref_rms = {p: jnp.where(capture, w_rms[p], ref_rms[p]) for p in self.kernels}
-        ref_at = jnp.where(capture, step, b["reference_step"])
+        capture = (inputs.step == 0) | (inputs.step == self.reference_step)
+        reference = {name: masks_lib.flatten(burden[name]) for name in REFERENCE_ENTRIES}
+        sums = kernel_sums(self.kernels, e, masks_lib.flatten(inputs.params),
+                           masks_lib.flatten(inputs.masks), masks_lib.flatten(inputs.grads),
+                           reference, inputs.step == 0, capture)
+        ref_load, ref_rms, ref_at = self._capture_reference(burden, inputs.step, capture, sums)
+        signal, signal_at = self._pruned_signal(burden, inputs)
+        per_kernel = _kernel_metrics(sums, ref_load, ref_rms)
+        per_kernel["pruned_signal"] = signal
+        metrics = self._group_metrics(per_kernel, e)
+        metrics[f"{PREFIX}/reference_step"] = ref_at
+        metrics[f"{PREFIX}/pruned_signal_step"] = signal_at
+        new_burden = dict(burden)
+        new_burden.update(ref_load=masks_lib.nest(ref_load), ref_rms=masks_lib.nest(ref_rms),
+                          ref_abs_w=masks_lib.nest(sums.ref_abs_w),
+                          ref_abs_g=masks_lib.nest(sums.ref_abs_g),
+                          ref_e=masks_lib.nest(sums.ref_e),
+                          pruned_signal=masks_lib.nest(signal), reference_step=ref_at,
+                          pruned_signal_step=signal_at)
+        return new_burden, metrics
 
-        # Every-step metrics, per kernel, then per block.
-        per: dict[str, dict[str, jax.Array]] = {"load": {}, "kept_weight_rms": {},
-                                                 "kept_grad_rms": {}}
-        for p in self.kernels:  # load() and kept_weight_rms(), from the grouped sums
-            per["load"][p] = load_num[p] / ref_load[p]
-            per["kept_weight_rms"][p] = w_rms[p] / jnp.maximum(ref_rms[p], TINY)
-            per["kept_grad_rms"][p] = g_rms[p]
+    def _capture_reference(self, burden: PyTree, step: jax.Array, capture: jax.Array,
+                           sums: KernelSums
+                           ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+        """The reference ``load`` and kept rms per kernel, and their step, after this step.
 
-        # pruned_signal: the probe pass, only on the steps that measure it. A mask update is
-        # a step where the method says so (``pruning/mask_updated``, which every method of
-        # nbjax.pruning logs) or where any mask flipped (a method without the flag).
-        flag = (prune_metrics or {}).get(MASK_UPDATED)
-        # The flag is exact for nbjax's methods; comparing every mask is the fallback (it
-        # reads all masks each step, a cost the default step need not pay).
-        updated = (flag > 0 if flag is not None
-                   else _any_flipped(masks, masks_lib.flatten(state_after.masks)))
-        periodic = (step % self.every == 0) if self.persistent else jnp.zeros((), bool)
-        measure = updated | periodic
-        held = masks_lib.flatten(b["pruned_signal"])
+        Captured where ``capture``: at step 0 and at the reference step. The candidates are
+        computed every step (in the grouped sums) and kept only at a capture step: a select,
+        where a lax.cond would cost a host round trip per step on a GPU (XLA reads a
+        conditional's predicate on the host).
+        """
+        held_load = masks_lib.flatten(burden["ref_load"])
+        held_rms = masks_lib.flatten(burden["ref_rms"])
+        ref_load = {p: jnp.where(capture, sums.reference_load[p], held_load[p])
+                    for p in self.kernels}
+        ref_rms = {p: jnp.where(capture, sums.weight_rms[p], held_rms[p]) for p in self.kernels}
+        return ref_load, ref_rms, jnp.where(capture, step, burden["reference_step"])
+
+    def _pruned_signal(self, burden: PyTree, inputs: BurdenInput
+                       ) -> tuple[dict[str, jax.Array], jax.Array]:
+        """``pruned_signal`` per kernel and the step it was measured at.
+
+        Measured by the probe pass (under ``lax.cond``) on a mask-update step and, for a
+        persistent method, every ``every`` steps, with the params before the mask update and
+        the new masks; held from the burden state on every other step.
+        """
+        periodic = ((inputs.step % self.every == 0) if self.persistent
+                    else jnp.zeros((), bool))
+        measure = inputs.mask_updated | periodic
+        held = masks_lib.flatten(burden["pruned_signal"])
+        probe_sums = self._probe_sums()
+
+        def probe(_):
+            sq = probe_sums(inputs.updated_params, inputs.new_masks, inputs.images)
+            return {p: pruned_signal(*sq[p]) for p in self.kernels}
+
+        signal = lax.cond(measure, probe, lambda _: held, None)
+        return signal, jnp.where(measure, inputs.step, burden["pruned_signal_step"])
+
+    def _probe_sums(self) -> Any:
+        """``(params, masks, images) -> {kernel: (pruned_sq, dense_sq)}``: the probe pass."""
 
         def sums(params, masks, images):
             _, aux = self.probe.apply({"params": params, "masks": masks}, images,
@@ -186,24 +238,18 @@ class BurdenTracker:
             return {p: (_stat(sown, p, PRUNED_SQ), _stat(sown, p, DENSE_SQ))
                     for p in self.kernels}
 
-        if self.flat_mesh is not None:  # as the step's gradient (flat_grad_reduce)
-            sums = sharding_lib.shard_batch_sums(sums, self.flat_mesh)
+        if self.grad_reduce == "flat":
+            return collectives.shard_batch_sums(sums, self.mesh)
+        return sums
 
-        def probe(_):
-            sq = sums(pre_prune_params, state_after.masks, images)
-            return {p: pruned_signal_from_sums(*sq[p]) for p in self.kernels}
-
-        signal = lax.cond(measure, probe, lambda _: held, None)
-        signal_at = jnp.where(measure, step, b["pruned_signal_step"])
-        per["pruned_signal"] = signal
-
+    def _group_metrics(self, per_kernel: Mapping[str, Mapping[str, jax.Array]],
+                       e: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per group: the mean of each per-kernel metric and the unit fractions; the indexes
+        (:data:`INDEXES`)."""
         metrics: dict[str, jax.Array] = {}
-        block_loads = []
         for group, paths in self.groups.items():
-            for name, values in per.items():
+            for name, values in per_kernel.items():
                 metrics[f"{PREFIX}/{name}/{group}"] = _mean([values[p] for p in paths])
-            if group.startswith("block_"):
-                block_loads.append(metrics[f"{PREFIX}/load/{group}"])
             for family, module in (("", "fc2"), ("attn_", "attn/out")):
                 path = f"{group}/{module}/kernel"
                 if path in e:
@@ -211,73 +257,42 @@ class BurdenTracker:
                         e[path], self.kappa)
                     metrics[f"{PREFIX}/{family}dormant_frac/{group}"] = dormant_frac(
                         e[path], self.tau)
-        if block_loads:
-            metrics[f"{PREFIX}/index"] = burden_index(block_loads)
-        metrics[f"{PREFIX}/reference_step"] = ref_at
-        metrics[f"{PREFIX}/pruned_signal_step"] = signal_at
-
-        new_burden = dict(b)
-        new_burden.update(ref_load=masks_lib.nest(ref_load), ref_rms=masks_lib.nest(ref_rms),
-                          pruned_signal=masks_lib.nest(signal), reference_step=ref_at,
-                          pruned_signal_step=signal_at)
-        return new_burden, metrics
+        blocks = self.blocks
+        for name, index in INDEXES.items() if blocks else ():
+            metrics[f"{PREFIX}/{index}"] = burden_index(
+                [metrics[f"{PREFIX}/{name}/{block}"] for block in blocks])
+        return metrics
 
 
-def _kernel_sums(kernels: Sequence[str], e: Mapping[str, jax.Array],
-                 params: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
-                 grads: Mapping[str, jax.Array], init_pruned: Mapping[str, jax.Array],
-                 first_step: jax.Array) -> tuple[dict[str, jax.Array], ...]:
-    """Per kernel: :func:`load_numerator`, the :func:`reference_load` this step would capture,
-    :func:`kept_rms` of W and :func:`kept_grad_rms`, each computed once per group of
-    same-shape kernels.
-
-    q/k/v, out, fc1 and fc2 repeat in every block, so each group is stacked with the kernel as
-    a leading axis and the metric functions are vmapped over it: a few operations per group
-    instead of per kernel. The every-step metrics are tiny, so their cost on a CPU is the
-    number of operations, not arithmetic (docs/performance.md). The numerator and the
-    reference share one Σ_j e_j Σ_i M|W|, so ``load`` is exactly 1 at the reference step of a
-    dense layer. ``init_pruned`` (the dense initial weights a sparse start zeroed) counts in
-    the reference only where ``first_step``.
-    """
-    groups: dict[tuple, list[str]] = {}
-    for p in kernels:
-        key = (params[p].shape, params[p].dtype, e[p].shape, p in masks)
-        groups.setdefault(key, []).append(p)
-
-    def sums(e_j, w, g, extra, m=None):
-        kept = kept_abs_sums(e_j, w, m)
-        extra = jnp.where(first_step, extra, 0.0)
-        return (load_numerator(e_j, w, m, kept), reference_load(e_j, w, m, extra, kept),
-                kept_rms(w, m), kept_grad_rms(g, m))
-
-    out: tuple[dict[str, jax.Array], ...] = ({}, {}, {}, {})
-    for (*_, masked), paths in groups.items():
-        trees = (e, params, grads, init_pruned) + ((masks,) if masked else ())
-        values = jax.vmap(sums)(*[jnp.stack([tree[p] for p in paths]) for tree in trees])
-        for i, p in enumerate(paths):
-            for target, value in zip(out, values, strict=True):
-                target[p] = value[i]
-    return out
-
-
-def _any_flipped(before: Mapping[str, Any], after: Mapping[str, Any]) -> jax.Array:
-    """Whether any entry of any mask differs between two flat mask dicts."""
-    changed = jnp.zeros((), bool)
-    for p, m in before.items():
-        if m is not None and after.get(p) is not None:
-            changed = changed | jnp.any(m != after[p])
-    return changed
+def _kernel_metrics(sums: KernelSums, ref_load: Mapping[str, jax.Array],
+                    ref_rms: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+    """Per metric name, the per-kernel values of the step's metrics from its sums."""
+    return {
+        "load": {p: load(v, ref_load[p]) for p, v in sums.load_numerator.items()},
+        "kept_weight_rms": {p: kept_weight_rms(v, ref_rms[p])
+                            for p, v in sums.weight_rms.items()},
+        "kept_grad_rms": sums.grad_rms,
+        "selection": {p: selection(v, ref_load[p])
+                      for p, v in sums.selection_numerator.items()},
+        "compensation": {p: compensation(sums.load_numerator[p], v)
+                         for p, v in sums.selection_numerator.items()},
+        "compensation_rms": {p: compensation_rms(sums.weight_rms[p], v)
+                             for p, v in sums.reference_weight_rms.items()},
+        "compensation_grad": {p: compensation_grad(sums.grad_rms[p], v)
+                              for p, v in sums.reference_grad_rms.items()},
+    }
 
 
 def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, pruner: Pruner,
-                 image_shape: tuple[int, ...],
-                 flat_mesh: Any = None) -> BurdenTracker:
+                 image_shape: tuple[int, ...], grad_reduce: str = "compiler",
+                 mesh: Any = None) -> BurdenTracker:
     """The tracker of ``config.burden`` for ``model`` (built with ``collect_stats``).
 
-    ``flat_mesh``: the mesh the step sums its gradient over as one flat buffer (see
-    :func:`nbjax.train.step.make_train_step`); the probe pass's per-layer sums then cross its
-    batch shards as one flat buffer too.
+    ``grad_reduce`` and ``mesh``: those of the train step (``'flat'``: the probe pass's
+    per-layer sums cross the batch shards of ``mesh`` as one flat buffer, as the step's
+    gradient does; see :mod:`nbjax.parallel.collectives`).
     """
+    collectives.check_grad_reduce(grad_reduce, mesh)
     if not getattr(model, "collect_stats", False):
         raise ValueError("the burden tracker needs a model built with collect_stats=True "
                          "(config.burden.enabled)")
@@ -297,5 +312,5 @@ def make_tracker(config: ml_collections.ConfigDict, model: nn.Module, pruner: Pr
         persistent=bool(pruner.persistent),
         reference_step=reference_step(pruner),
         every=int(b.every), kappa=float(b.kappa), tau=float(b.tau),
-        flat_mesh=flat_mesh,
+        grad_reduce=grad_reduce, mesh=mesh if grad_reduce == "flat" else None,
     )

@@ -4,9 +4,10 @@ Every source ends as one in-memory `Dataset` of uint8 NHWC images and int32 labe
 MNIST or CIFAR-10 fits in host memory, so there is no input pipeline to tune. Normalisation and
 augmentation run in JAX, inside the jit-compiled train step, so they cost no host time and are
 sharded with the batch. Nothing here downloads: a missing dataset raises one `FileNotFoundError`
-that says where it looked and how to get the data. Sources and their config keys: docs/data.md.
+that says where it looked and how to get the data, an unreadable file one `ValueError` naming
+it (both one-line `nbjax.errors.UserError`s). Sources and their config keys: docs/data.md.
 This module is the API (the config, `load_dataset`, the JAX transforms); the loaders of each
-source, and their decode cache, are in `nbjax.data.sources`.
+source are in `nbjax.data.sources`, their decode cache in `nbjax.data.decoded`.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from nbjax.data import sources as data_sources
+from nbjax.errors import ConfigError
 
 SOURCES = ("mnist", "idx", "cifar10_python", "image_folder", "tfds", "synthetic")
 AUGMENTS = ("none", "crop", "crop_flip")
@@ -127,12 +129,15 @@ def _validated(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     for key, allowed in (("source", SOURCES), ("augment", AUGMENTS),
                          ("augment_pad_mode", PAD_MODES)):
         if c[key] not in allowed:
-            raise ValueError(f"data.{key} must be one of {allowed}, got {c[key]!r}")
+            raise ConfigError(f"data.{key} must be one of {allowed}, got {c[key]!r}",
+                              f"pick one with --config.data.{key}=...")
     if c["source"] in ("idx", "cifar10_python", "image_folder") and not c["path"]:
-        raise ValueError(f"data.path must be set for data.source={c['source']!r}")
+        raise ConfigError(f"data.path must be set for data.source={c['source']!r}",
+                          "give it with --config.data.path=DIR")
     for key in ("train_limit", "test_limit", "augment_pad"):
         if int(c[key]) < 0:
-            raise ValueError(f"data.{key} must be >= 0, got {c[key]!r}")
+            raise ConfigError(f"data.{key} must be >= 0, got {c[key]!r}",
+                              f"change --config.data.{key}")
     return c
 
 

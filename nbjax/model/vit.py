@@ -13,6 +13,8 @@ The model is plain Flax linen. Two things make it nbjax's own:
   metrics need; nothing of shape [batch, tokens, features] leaves the model.
 
 Token merging (ToMe) happens between attention and MLP of the blocks listed in ``merge_r``.
+The model a config describes is built by :mod:`nbjax.model.build`; the attention core's
+hand-written backward is :mod:`nbjax.model.attention`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from nbjax.burden.metrics import input_abs_mean
+from nbjax.model.attention import attention_core
 from nbjax.tome import merge as tome
 
 MASK_MODES = ("multiply", "straight_through")
@@ -97,77 +100,6 @@ class MaskedLinear(nn.Module):
         return y
 
 
-def _heads_first(x: jax.Array) -> jax.Array:
-    """[B, T, H, Dh] <-> [B, H, T, Dh]."""
-    return x.transpose(0, 2, 1, 3)
-
-
-def _materialize(x: jax.Array) -> jax.Array:
-    """``x``, kept as its own array on CPU (an optimization barrier); a no-op elsewhere.
-
-    XLA:CPU folds a transpose into the dot that consumes it; the dot then has a layout that
-    its fast batched-matmul path does not take and falls back to a generic loop (about 2
-    GFLOP/s on the attention backward). Materialising the transpose keeps every batched
-    matmul of the attention core in the fast path. GPUs and TPUs take any layout.
-    """
-    return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda y: y)
-
-
-def _core_forward(q, k, v, bias):
-    qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh)
-    if bias is not None:
-        logits = logits + bias.astype(logits.dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-    out = _heads_first(jnp.einsum("bhqk,bhkd->bhqd", weights, vh))
-    return out, (qh, kh, vh, weights)
-
-
-@jax.custom_vjp
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
-                   bias: jax.Array | None = None) -> jax.Array:
-    """softmax(q kᵀ + bias) v per head: q, k, v [B, T, H, Dh] -> [B, T, H, Dh].
-
-    ``q`` is already scaled by 1/√Dh; ``bias`` (or None) broadcasts against the logits
-    [B, H, Tq, Tk] (token merging's log(size), [B, 1, 1, Tk]). The softmax is taken in
-    float32 and its weights cast back to the compute dtype, as before.
-
-    Exactly the math of the two einsums and the softmax; the backward is written out (the
-    standard one: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP - rowsum(dP ⊙ P)), dQ = dS K,
-    dK = dSᵀ Q) so that each of its batched matmuls has the [batch, heads, rows, cols]
-    layout XLA:CPU's fast matmul path takes (see :func:`_materialize`); autodiff of the
-    einsums left two of them on a generic loop, and the attention core cost about a fifth of
-    the CPU train step. Checked against autodiff in tests/test_attention_core.py.
-    """
-    return _core_forward(q, k, v, bias)[0]
-
-
-def _attention_core_fwd(q, k, v, bias):
-    out, res = _core_forward(q, k, v, bias)
-    return out, (res, bias)
-
-
-def _attention_core_bwd(saved, d_out):
-    (qh, kh, vh, weights), bias = saved
-    d_oh = _heads_first(d_out)
-    d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_oh, vh)
-    dv = jnp.einsum("bhkq,bhqd->bhkd", _materialize(weights.swapaxes(-1, -2)), d_oh)
-    p = weights.astype(jnp.float32)
-    dp = d_weights.astype(jnp.float32)
-    d_logits = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))).astype(qh.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, kh)
-    dk = jnp.einsum("bhkq,bhqd->bhkd", _materialize(d_logits.swapaxes(-1, -2)), qh)
-    d_bias = None
-    if bias is not None:
-        shape, dtype = bias.shape, bias.dtype
-        d_bias = d_logits.astype(jnp.float32)
-        d_bias = jnp.sum(d_bias, axis=tuple(range(d_bias.ndim - len(shape))))  # broadcast rank
-        axes = tuple(i for i, n in enumerate(shape) if n == 1 and d_bias.shape[i] != 1)
-        d_bias = jnp.sum(d_bias, axis=axes, keepdims=True).astype(dtype)
-    return _heads_first(dq), _heads_first(dk), _heads_first(dv), d_bias
-
-
-attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nn.Module):
@@ -202,7 +134,8 @@ class Block(nn.Module):
 
     With ``token_stats`` it sows into ``'stats'`` the number of tokens it hands on (after its
     merge) and the mean and max token size (input tokens per token, 1 before any merge):
-    ``num_tokens``, ``mean_token_size``, ``max_token_size`` (logged by :func:`token_metrics`).
+    ``num_tokens``, ``mean_token_size``, ``max_token_size`` (logged by
+    :func:`nbjax.model.token_stats.token_metrics`).
     """
 
     num_heads: int
@@ -245,8 +178,9 @@ class ViT(nn.Module):
 
     ``merge_r[l]`` tokens are merged in block l (all zeros: no merging). The head reads the class
     token (``pool='cls'``) or the size-weighted mean of all tokens (``pool='mean'``).
-    ``token_stats`` (on when the model merges, see :func:`build_model`) makes every block sow
-    its token count and sizes (see :class:`Block`), independently of ``collect_stats``.
+    ``token_stats`` (on when the model merges, see :func:`nbjax.model.build.build_model`)
+    makes every block sow its token count and sizes (see :class:`Block`), independently of
+    ``collect_stats``.
     """
 
     num_classes: int
@@ -304,58 +238,5 @@ class ViT(nn.Module):
         return logits
 
 
-def build_model(config, num_classes: int) -> ViT:
-    """The ViT described by ``config.model`` and ``config.mitigation.token_merging``."""
-    m = config.model
-    merge_r = tome_schedule(config, num_input_tokens(config))
-    return ViT(
-        num_classes=num_classes, patch_size=m.patch_size, hidden_dim=m.hidden_dim,
-        depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, pool=m.pool,
-        merge_r=tuple(merge_r),
-        # Straight-through always: the step masks the gradient itself for non-persistent
-        # methods, and this way it also has the dense gradient (RigL's regrowth score).
-        mask_mode="straight_through",
-        collect_stats=bool(config.burden.enabled),
-        token_stats=any(r > 0 for r in merge_r),
-        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-    )
-
-
-def num_input_tokens(config) -> int:
-    """Tokens entering block 0 under ``config.model``: the patches plus the class token."""
-    m = config.model
-    return (m.image_size // m.patch_size) ** 2 + 1
-
-
-def token_metrics(stats) -> dict[str, jax.Array]:
-    """Per-block token metrics from the model's ``'stats'`` collection, ready to log.
-
-    ``tokens/block_i`` is the number of tokens block i hands on (after its merge: what its MLP
-    and the next block's attention see); ``tokens/mean_size/block_i`` and
-    ``tokens/max_size/block_i`` the mean and max number of input tokens (patches, or the
-    class token) per token, over batch and tokens. Empty when no block sowed them (a model
-    without ``token_stats``, i.e. one that does not merge).
-    """
-    out: dict[str, jax.Array] = {}
-    names = (("num_tokens", "tokens/{}"), ("mean_token_size", "tokens/mean_size/{}"),
-             ("max_token_size", "tokens/max_size/{}"))
-    blocks = sorted((k for k in stats if k.startswith("block_")), key=lambda k: int(k[6:]))
-    for block in blocks:
-        for key, fmt in names:
-            if key in stats[block]:
-                value = stats[block][key]
-                out[fmt.format(block)] = value[-1] if isinstance(value, tuple) else value
-    return out
-
-
-def tome_schedule(config, num_tokens: int) -> list[int]:
-    """Tokens merged in each block under ``config.mitigation.token_merging``."""
-    tm = config.mitigation.token_merging
-    depth = config.model.depth
-    if tm.mode == "off":
-        return [0] * depth
-    if tm.mode == "single_pass":
-        r = tome.single_pass_r(num_tokens, tm.keep_ratio if tm.r <= 0 else None,
-                               tm.r if tm.r > 0 else None)
-        return [r] + [0] * (depth - 1)
-    return tome.every_layer_schedule(num_tokens, depth, tm.r)
+# The config readers and the token-metric formatter live in their own modules now; their old
+# names here resolve until every caller imports them from there.

@@ -2,8 +2,8 @@
 
 The batch is split over ``data``; the train state is replicated (``sharding.mode='replicated'``)
 or, for ``'fsdp'``, each large leaf is split along its largest axis that the device count
-divides. The compiler inserts the all-reduces, so the train step is written as for one device;
-the one exception is the gradient's all-reduce on a CPU host (:func:`flat_grad_reduce`).
+divides. How the step's sums cross the devices is :mod:`nbjax.parallel.collectives`.
+:func:`use_all_cpu_cores` decides, before JAX starts, how many devices a CPU host has.
 
 Host data enters the mesh two ways, both valid with one process or many:
 
@@ -20,14 +20,11 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
-GRAD_REDUCE_MODES = ("auto", "flat", "compiler")
 
 
 def use_all_cpu_cores() -> None:
@@ -122,63 +119,3 @@ def put_batch(global_block: np.ndarray, sharding: NamedSharding) -> jax.Array:
     feeds only its part of the global batch.
     """
     return _put_shards(np.asarray(global_block), sharding)
-
-
-def flat_grad_reduce(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
-    """Whether the train step sums its gradient over the batch shards as one flat buffer.
-
-    ``config.sharding.grad_reduce``: ``'compiler'`` lets XLA insert the all-reduces (it combines
-    them into one all-reduce of a tuple, one operand per param); ``'flat'`` computes each
-    shard's gradient in a ``shard_map`` and sums them with one all-reduce of one concatenated
-    buffer per dtype (:func:`flat_psum`). XLA:CPU's in-process all-reduce pays about 60 us per
-    operand, so the tuple of the 4-layer ViT's 75 gradients took 4.4 ms of a 28 ms step on the
-    project's 2-core host and one flat buffer takes a tenth of that (docs/performance.md).
-    ``'auto'``: flat on a CPU mesh of several devices, the compiler's elsewhere (GPU and TPU
-    all-reduces are not per-operand bound, and XLA overlaps them with the backward pass).
-    Only the replicated state mode takes the flat path: FSDP's gradients are reduce-scattered
-    by the compiler ('flat' with FSDP is an error, 'auto' falls back).
-    """
-    mode = config.sharding.grad_reduce
-    if mode not in GRAD_REDUCE_MODES:
-        raise ValueError(f"sharding.grad_reduce={mode!r}; allowed: {list(GRAD_REDUCE_MODES)}")
-    if mode == "flat" and config.sharding.mode != "replicated":
-        raise ValueError("sharding.grad_reduce='flat' needs sharding.mode='replicated' (FSDP's "
-                         "gradients are reduce-scattered by the compiler); use 'auto'")
-    if mode == "compiler" or mesh.devices.size == 1 or config.sharding.mode != "replicated":
-        return False
-    return mode == "flat" or mesh.devices.flat[0].platform == "cpu"
-
-
-def flat_psum(tree: Any, axis_name: str = DATA_AXIS) -> Any:
-    """``lax.psum`` of every leaf of ``tree`` over ``axis_name`` as one all-reduce per dtype.
-
-    The leaves of a dtype are raveled into one buffer, summed, and split back, so the
-    collective has one operand however many leaves there are (see :func:`flat_grad_reduce`).
-    Inside ``shard_map`` only.
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    leaves = [jnp.asarray(x) for x in leaves]
-    by_dtype: dict[Any, list[int]] = {}
-    for i, x in enumerate(leaves):
-        by_dtype.setdefault(x.dtype, []).append(i)
-    out = list(leaves)
-    for indices in by_dtype.values():
-        flat = jax.lax.psum(jnp.concatenate([leaves[i].ravel() for i in indices]), axis_name)
-        offset = 0
-        for i in indices:
-            size = leaves[i].size
-            out[i] = flat[offset:offset + size].reshape(leaves[i].shape)
-            offset += size
-    return jax.tree.unflatten(treedef, out)
-
-
-def shard_batch_sums(fn: Any, mesh: Mesh) -> Any:
-    """``fn(params, masks, images)`` -> a pytree of sums over the batch, run per batch shard.
-
-    Each device applies ``fn`` to its rows of ``images`` (params and masks replicated) and the
-    shards' sums are added with one :func:`flat_psum`: the same values as ``fn`` on the global
-    batch, with one all-reduce operand per dtype instead of one per leaf.
-    """
-    whole, batch = P(), P(DATA_AXIS)
-    return jax.shard_map(lambda *args: flat_psum(fn(*args)), mesh=mesh,
-                         in_specs=(whole, whole, batch), out_specs=whole, check_vma=False)

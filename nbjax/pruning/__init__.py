@@ -10,6 +10,7 @@ from nbjax.pruning.base import (
     Method,
     PruneContext,
     Pruner,
+    PruneResult,
     check_config,
     make_pruner,
     method,
@@ -18,5 +19,5 @@ from nbjax.pruning.base import (
     schedule_steps,
 )
 
-__all__ = ["Method", "PruneContext", "Pruner", "check_config", "make_pruner", "method",
-           "register", "registered", "schedule_steps"]
+__all__ = ["Method", "PruneContext", "PruneResult", "Pruner", "check_config", "make_pruner",
+           "method", "register", "registered", "schedule_steps"]

@@ -4,9 +4,10 @@ A method owns two pure functions that run inside the compiled train step:
 
 * ``init(params, rng) -> (masks, pruning_state)``: the masks (boolean, only the prunable
   kernels, nested like the params) and the method's state at step 0.
-* ``update(ctx) -> ctx``: called after every optimizer update with a :class:`PruneContext`;
-  it decides (under ``lax.cond`` on the step, so nothing recompiles) whether to recompute the
-  masks, and returns the new context with its metrics.
+* ``update(ctx) -> result``: called after every optimizer update with a :class:`PruneContext`
+  (its inputs); it decides (under ``lax.cond`` on the step, so nothing recompiles) whether to
+  recompute the masks, and returns a :class:`PruneResult`: the new params, masks, optimizer
+  and pruning state, whether the masks were updated, and its metrics.
 
 ``persistent`` methods keep dense weights: the forward pass uses W ⊙ M with a straight-through
 gradient and pruned weights are not zeroed. The others zero pruned weights after every update.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from nbjax.pruning import masks as masks_lib
@@ -35,17 +37,41 @@ PyTree = Any
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PruneContext:
-    """What a method may read and change at the end of a train step (a pytree, so an
+    """What a method's ``update`` reads at the end of a train step (a pytree, so an
     ``update`` can be jitted on its own)."""
 
     step: jax.Array  # the step just taken (0-based), int32 scalar
-    params: PyTree
-    masks: PyTree
+    params: PyTree  # after the step's optimizer update
+    masks: PyTree  # the masks the step ran with
     opt_state: PyTree
     pruning_state: PyTree
     grads: PyTree  # dense gradients of the step (RigL's regrowth score)
     rng: jax.Array
-    metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PruneResult:
+    """What a method's ``update`` returns: the state after its mask update (a pytree).
+
+    ``mask_updated`` says whether this step recomputed the masks (the burden tracker measures
+    the signal an update removed on exactly those steps); it is logged as
+    ``pruning/mask_updated`` among ``metrics``.
+    """
+
+    params: PyTree
+    masks: PyTree
+    opt_state: PyTree
+    pruning_state: PyTree
+    mask_updated: jax.Array  # bool scalar
+    metrics: dict[str, jax.Array]
+
+    @classmethod
+    def unchanged(cls, ctx: PruneContext) -> PruneResult:
+        """The result of an update that changes nothing and logs nothing."""
+        return cls(params=ctx.params, masks=ctx.masks, opt_state=ctx.opt_state,
+                   pruning_state=ctx.pruning_state, mask_updated=jnp.zeros((), bool),
+                   metrics={})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +89,7 @@ class Pruner:
     name: str
     persistent: bool
     init: Callable[[PyTree, jax.Array], tuple[PyTree, PyTree]]
-    update: Callable[[PruneContext], PruneContext]
+    update: Callable[[PruneContext], PruneResult]
     update_every: int | None = None
     first_update: int | None = None
     starts_dense: bool = False

@@ -43,7 +43,7 @@ import ml_collections
 from jax import lax
 
 from nbjax.pruning import masks as masks_lib
-from nbjax.pruning.base import PruneContext
+from nbjax.pruning.base import PruneContext, PruneResult
 
 PyTree = Any
 PREFIX = "pruning"
@@ -89,20 +89,21 @@ def random_initial_masks(params: PyTree, paths: Sequence[str], config: ml_collec
                          rng: jax.Array) -> tuple[dict, dict[str, Any]]:
     """Random masks at ``pruning.sparsity`` (static, set, rigl) and their per-leaf targets.
 
-    ``scope='layerwise'``: exactly ``num_to_keep(n_l, s_l)`` kept per leaf (a top-k of
-    uniform scores), ``s_l`` from the distribution (Python floats). ``scope='global'``:
-    exactly ``num_to_keep(N, s)`` kept over all leaves, uniformly at random (so each leaf is
-    near ``s``); there is no per-leaf target, so the realised per-leaf sparsities (JAX
-    scalars) are returned in its place.
+    A top-k of uniform scores: ``scope='layerwise'`` keeps exactly ``num_to_keep(n_l, s_l)``
+    per leaf, ``s_l`` from the distribution (Python floats); ``scope='global'`` keeps exactly
+    ``num_to_keep(N, s)`` over all leaves and, having no per-leaf target, returns the
+    realised per-leaf sparsities (JAX scalars) in its place.
     """
     s = float(config.pruning.sparsity)
     shapes = {p: tuple(x.shape) for p, x in masks_lib.select(params, paths).items()}
+    sizes = {p: math.prod(shape) for p, shape in shapes.items()}
     scores = uniform_scores(rng, shapes)
     if config.pruning.scope == "global":
-        masks = masks_lib.global_masks(scores, s)
-        return masks, realised_targets(masks_lib.flatten(masks))
+        masks = topk_global(scores, masks_lib.num_to_keep(sum(sizes.values()), s))
+        return masks_lib.nest(masks), realised_targets(masks)
     targets = leaf_targets(shapes, s, config)
-    return masks_lib.layerwise_masks(scores, targets), targets
+    ks = {p: masks_lib.num_to_keep(sizes[p], targets[p]) for p in shapes}
+    return masks_lib.nest(topk_layerwise(scores, ks)), targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def metrics(masks: PyTree, state: Mapping[str, Any], updated: jax.Array) -> dict
 
 
 # --------------------------------------------------------------------------------------------
-# Top-k with traced k, per leaf or over all leaves
+# The top-k that builds every mask: k may be traced, per leaf or over all leaves
 # --------------------------------------------------------------------------------------------
 
 
@@ -174,13 +175,11 @@ def _segmented_topk(scores: Mapping[str, jax.Array], ks: Mapping[str, Any],
                     segments: Mapping[str, int]) -> dict[str, jax.Array]:
     """Top-k within segments of leaves, with **one** sort for all of them.
 
-    Every leaf belongs to segment ``segments[path]`` (its own for a layerwise top-k, one
-    shared for a global one); segment g keeps its ``ks[g]`` largest scores. One stable
-    ``lax.sort`` by (segment, -score) orders the entries; an entry's rank in its segment is
-    its position minus the segment's start. Ties go to the leaf earlier in sorted-path order,
-    then to the lower flat index, exactly as :func:`nbjax.pruning.masks.topk_mask_dynamic` and
-    :func:`nbjax.pruning.masks.global_masks` break them. (One sort instead of one per leaf: the
-    compile time of the step grew with the number of sorts.)
+    Leaf ``path`` belongs to segment ``segments[path]``; segment g keeps its ``ks[g]``
+    largest scores. One stable ``lax.sort`` by (segment, -score) orders the entries in
+    sorted-path, then flat-index order among ties; an entry's rank in its segment is its
+    position minus the segment's start. (One sort, not one per leaf: the step's compile time
+    grew with the number of sorts.)
     """
     paths = sorted(scores)
     order_of = {g: i for i, g in enumerate(sorted(set(segments.values())))}
@@ -208,12 +207,17 @@ def _segmented_topk(scores: Mapping[str, jax.Array], ks: Mapping[str, Any],
 
 
 def topk_layerwise(scores: Mapping[str, jax.Array], ks: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """``{path: the ks[path] largest of scores[path]}`` (k may be traced; exact, index ties)."""
+    """``{path: bool mask of the ks[path] largest of scores[path]}``, exactly ks[path] True.
+
+    Scores compare as float32; k may be traced and is clipped to ``[0, size]``. Ties go to the
+    lower flat (row-major) index, -0.0 ties with +0.0, and NaN ranks below every number.
+    """
     return _segmented_topk(scores, ks, {p: p for p in scores})
 
 
 def topk_global(scores: Mapping[str, jax.Array], k: Any) -> dict[str, jax.Array]:
-    """One top-k over every leaf (sorted-path order, then flat index, breaks ties)."""
+    """One top-k over every leaf: exactly ``k`` True in all. Ties go to the leaf earlier in
+    sorted-path order, then as in :func:`topk_layerwise`."""
     return _segmented_topk(scores, {"": k}, {p: "" for p in scores})
 
 
@@ -241,13 +245,9 @@ def reset_param_state(opt_state: PyTree, where: Mapping[str, jax.Array]) -> PyTr
     """``opt_state`` with every per-weight statistic of the entries ``where[path]`` set to 0.
 
     Works for any optax chain without knowing it: optax keeps per-weight statistics (Adam's
-    ``mu`` and ``nu``, SGD's momentum ``trace``, ...) as copies of the params tree inside its
-    state, so a leaf of ``opt_state`` whose key path *ends* with a param's dict-key path and
-    has that param's shape is that param's statistic. (:func:`optax.tree_map_params` finds
-    the same trees but needs the optimizer itself; the tests check the two agree.) Scalars
-    (``count``) and trees of other shapes (e.g. factored statistics) are left alone, and so is
-    any param-shaped leaf in a transform that stores something else per weight (an EMA of
-    the params): it too would be zeroed at those entries.
+    ``mu``/``nu``, momentum ``trace``) as copies of the params tree, so a leaf whose key path
+    *ends* with a param's path and has its shape is that param's statistic. Scalars and other
+    shapes are left alone (limits: docs/pruning.md).
     """
     where = dict(where)
 
@@ -315,7 +315,7 @@ def realised_targets(masks: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 def make_update(is_update: Callable[[jax.Array], jax.Array], rule: MaskRule, *,
                 persistent: bool,
                 extra_metrics: Callable[[PruneContext], dict[str, jax.Array]] | None = None
-                ) -> Callable[[PruneContext], PruneContext]:
+                ) -> Callable[[PruneContext], PruneResult]:
     """The ``update`` of a mask-updating method: ``rule`` runs under ``lax.cond(is_update)``.
 
     Both branches return the same pytree structure (params, masks, optimizer state, pruning
@@ -323,7 +323,7 @@ def make_update(is_update: Callable[[jax.Array], jax.Array], rule: MaskRule, *,
     the device.
     """
 
-    def update(ctx: PruneContext) -> PruneContext:
+    def update(ctx: PruneContext) -> PruneResult:
         do = jnp.asarray(is_update(ctx.step), bool)
 
         def apply() -> tuple:
@@ -334,16 +334,17 @@ def make_update(is_update: Callable[[jax.Array], jax.Array], rule: MaskRule, *,
             return ctx.params, ctx.masks, ctx.opt_state, ctx.pruning_state
 
         params, masks, opt_state, state = lax.cond(do, apply, keep)
-        out = {**ctx.metrics, **metrics(masks, state, do)}
+        out = metrics(masks, state, do)
         if extra_metrics is not None:
             out.update(extra_metrics(ctx))
-        return dataclasses.replace(ctx, params=params, masks=masks, opt_state=opt_state,
-                                   pruning_state=state, metrics=out)
+        return PruneResult(params=params, masks=masks, opt_state=opt_state,
+                           pruning_state=state, mask_updated=do, metrics=out)
 
     return update
 
 
-def fixed_update(ctx: PruneContext) -> PruneContext:
+def fixed_update(ctx: PruneContext) -> PruneResult:
     """The ``update`` of a method whose mask never changes: metrics only, no ``lax.cond``."""
-    out = {**ctx.metrics, **metrics(ctx.masks, ctx.pruning_state, jnp.zeros((), bool))}
-    return dataclasses.replace(ctx, metrics=out)
+    result = PruneResult.unchanged(ctx)
+    return dataclasses.replace(
+        result, metrics=metrics(ctx.masks, ctx.pruning_state, result.mask_updated))

@@ -1,31 +1,21 @@
 """Dynamic sparse training at a fixed sparsity: ``set`` and ``rigl``.
 
-Both start from a random mask at ``pruning.sparsity`` (per-leaf targets from the
-distribution, or one global draw) and, on every step t with t > 0, t % ΔT == 0 and t < t_end
-(t_end = ``drop_end_frac`` of training), drop and regrow:
+Both start from a random mask at ``pruning.sparsity`` and, on every step t > 0 with
+t % ΔT == 0 and t < t_end (``drop_end_frac`` of training), drop the n_drop smallest |W| among
+the kept weights and regrow n_drop among the rest (just-dropped ones included, as in RigL):
+at random (``set``, Mocanu et al. 2018) or by largest |dense gradient| (``rigl``, Evci et al.
+2020). n_drop = round(f_t · k), k the kept count (per leaf, or in total for
+``scope='global'``) and f_t RigL's cosine-decayed drop fraction, so k never changes. Regrown
+weights start at 0 with their optimizer statistics reset.
 
-1. n_drop = round(f_t · k) with k the kept count (per leaf, or in total for
-   ``scope='global'``) and f_t the drop fraction, ``drop_fraction`` decayed by a cosine to 0 at
-   t_end (:func:`nbjax.pruning.schedules.cosine_drop_fraction`, RigL's schedule);
-2. drop: keep the k - n_drop largest |W| among the kept weights;
-3. regrow n_drop among the weights not kept after the drop (just-dropped ones included, as in
-   RigL): uniformly at random (``set``, Mocanu et al. 2018) or by largest |dense gradient| of
-   the step (``rigl``, Evci et al. 2020; the model's straight-through masks give the dense
-   gradient).
-
-So the number of kept weights never changes (per leaf for ``layerwise``, in total for
-``global``). Regrown weights start at 0 and their optimizer statistics are reset to 0, in any
-optax chain (:func:`nbjax.pruning.common.reset_param_state`).
-
-Persistent variant (``mitigation.persistent=True``, **nbjax choice**): as SPEC.md describes
-persistence, the dense weights persist and keep receiving the straight-through gradient while
-pruned, and the mask is recomputed by the same drop/regrow rule. Nothing is zeroed: a dropped
-weight keeps its value and keeps learning, a regrown one resumes from its persisted dense
-value with its optimizer statistics intact (resetting them would discard exactly what
-persistence keeps).
+Persistent variant (``mitigation.persistent=True``, **nbjax choice**, docs/pruning.md): the
+same rule, but nothing is zeroed or reset; dropped weights keep learning from the
+straight-through gradient and regrown ones resume from their dense values.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +25,44 @@ from nbjax.pruning import common, schedules
 from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import PruneContext, Pruner, drop_end_step, prunable, register
 
+FlatTree = dict[str, jax.Array]  # {path: array}
+
 
 def _n_drop(fraction: jax.Array, kept: jax.Array) -> jax.Array:
     """round(fraction · kept), half up, in [0, kept]."""
     n = jnp.floor(fraction * kept.astype(jnp.float32) + 0.5).astype(jnp.int32)
     return jnp.clip(n, 0, kept)
+
+
+def _grow_scores(ctx: PruneContext, old: Mapping[str, jax.Array], paths: Sequence[str],
+                 regrow_by_gradient: bool) -> FlatTree:
+    """|dense gradient| (RigL) or uniform random scores (SET) for the regrowth."""
+    if regrow_by_gradient:
+        return {q: jnp.abs(g) for q, g in masks_lib.select(ctx.grads, paths).items()}
+    return common.uniform_scores(ctx.rng, {q: old[q].shape for q in paths})
+
+
+def _drop_and_grow_global(old: Mapping[str, jax.Array], drop_scores: FlatTree,
+                          grow_scores: FlatTree, fraction: jax.Array) -> FlatTree:
+    """The drop and regrowth as one top-k each over every leaf."""
+    kept = common.count(old)
+    n = _n_drop(fraction, kept)
+    survivors = common.topk_global(drop_scores, kept - n)
+    grown = common.topk_global(
+        {q: common.exclude(grow_scores[q], survivors[q]) for q in drop_scores}, n)
+    return {q: survivors[q] | grown[q] for q in drop_scores}
+
+
+def _drop_and_grow_layerwise(old: Mapping[str, jax.Array], drop_scores: FlatTree,
+                             grow_scores: FlatTree, fraction: jax.Array) -> FlatTree:
+    """The drop and regrowth within each leaf, so every leaf keeps its count."""
+    paths = sorted(drop_scores)
+    kept = {q: jnp.sum(old[q], dtype=jnp.int32) for q in paths}
+    n = {q: _n_drop(fraction, kept[q]) for q in paths}
+    survivors = common.topk_layerwise(drop_scores, {q: kept[q] - n[q] for q in paths})
+    grown = common.topk_layerwise(
+        {q: common.exclude(grow_scores[q], survivors[q]) for q in paths}, n)
+    return {q: survivors[q] | grown[q] for q in paths}
 
 
 def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
@@ -53,7 +76,8 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
     schedules.validate_every(every)
     t_end = drop_end_step(config, total_steps)
     persistent = bool(config.mitigation.persistent)
-    scope = p.scope
+    global_scope = p.scope == "global"
+    drop_and_grow = _drop_and_grow_global if global_scope else _drop_and_grow_layerwise
 
     def is_update(step: jax.Array) -> jax.Array:
         return (step > 0) & (step % every == 0) & (step < t_end)
@@ -71,26 +95,10 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
         paths = sorted(old)
         weights = masks_lib.select(ctx.params, paths)
         drop_scores = {q: common.exclude(jnp.abs(weights[q]), ~old[q]) for q in paths}
-        if regrow_by_gradient:
-            grow_scores = {q: jnp.abs(g) for q, g in masks_lib.select(ctx.grads, paths).items()}
-        else:
-            grow_scores = common.uniform_scores(ctx.rng, {q: old[q].shape for q in paths})
-        f = fraction(ctx.step)
-        if scope == "global":
-            kept = common.count(old)
-            n = _n_drop(f, kept)
-            survivors = common.topk_global(drop_scores, kept - n)
-            grown = common.topk_global(
-                {q: common.exclude(grow_scores[q], survivors[q]) for q in paths}, n)
-            new = {q: survivors[q] | grown[q] for q in paths}
-            return new, common.realised_targets(new), ctx.pruning_state["target_sparsity"]
-        kept = {q: jnp.sum(old[q], dtype=jnp.int32) for q in paths}
-        n = {q: _n_drop(f, kept[q]) for q in paths}
-        survivors = common.topk_layerwise(drop_scores, {q: kept[q] - n[q] for q in paths})
-        grown = common.topk_layerwise(
-            {q: common.exclude(grow_scores[q], survivors[q]) for q in paths}, n)
-        new = {q: survivors[q] | grown[q] for q in paths}
-        targets = masks_lib.flatten(ctx.pruning_state["leaf_targets"])
+        grow_scores = _grow_scores(ctx, old, paths, regrow_by_gradient)
+        new = drop_and_grow(old, drop_scores, grow_scores, fraction(ctx.step))
+        targets = (common.realised_targets(new) if global_scope
+                   else masks_lib.flatten(ctx.pruning_state["leaf_targets"]))
         return new, targets, ctx.pruning_state["target_sparsity"]
 
     def extra(ctx: PruneContext) -> dict[str, jax.Array]:

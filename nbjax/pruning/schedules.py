@@ -1,16 +1,8 @@
-"""Step schedules for pruning-during-training, and the checks on their settings.
+"""Step schedules of pruning during training, and the checks on their settings.
 
-Every schedule here is a pure function of the step. Each one accepts either a Python number
-(evaluated with Python floats, exact to double precision, for host-side code and tests) or a
-JAX scalar, traced or not (evaluated with ``jnp`` in float32, so it can live inside a jitted
-train step). Hyper-parameters are always Python numbers and are validated eagerly.
-
-- :func:`polynomial_sparsity`: the gradual-pruning schedule of Zhu & Gupta (2017), "To prune,
-  or not to prune".
-- :func:`is_update_step`: on which steps the mask is recomputed.
-- :func:`cosine_drop_fraction`: the decayed drop/regrow fraction of RigL (Evci et al., 2020,
-  "Rigging the Lottery").
-- :func:`warmup_cosine_lr`: linear warm-up then cosine decay of the learning rate.
+Every schedule is a pure function of the step: a Python step gives a Python value (exact, for
+host code and tests), a JAX step a float32 or bool JAX scalar (inside the jitted train step).
+Hyper-parameters are Python numbers, validated eagerly.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Step = Any  # a Python int or a (possibly traced) JAX integer scalar
 
@@ -105,24 +96,25 @@ def polynomial_sparsity(
     return final + (initial - final) * (1.0 - frac) ** exponent
 
 
-def is_update_step(step: Step, *, start_step: int, end_step: int, every: int) -> Any:
-    """Whether the mask is recomputed at ``step``.
+def is_update_step(step: Step, *, start_step: int, end_step: int, every: int,
+                   last_step: int | None = None) -> Any:
+    """Whether the mask is recomputed at ``step`` (gmp: t0 = start_step, t1 = end_step).
 
-    Update steps are ``t0, t0 + ΔT, t0 + 2ΔT, ...`` while ``<= t1``, **and t1 itself** even
-    when ``t1 - t0`` is not a multiple of ΔT: otherwise the final sparsity of the polynomial
-    schedule would never be applied to the mask. No update happens before t0 or after t1.
-
-    Returns a Python bool for a Python ``step``, a JAX bool scalar otherwise.
+    On ``t0, t0 + ΔT, t0 + 2ΔT, ...`` up to ``last_step`` (default t1; pdwp re-ranks past
+    t1), **and on t1 itself** even off the grid, so the schedule's final sparsity is always
+    applied. Never before t0. A Python bool for a Python ``step``, a JAX bool otherwise.
     """
     validate_steps(start_step, end_step)
     validate_every(every)
+    last = end_step if last_step is None else last_step
+    if int(last) != last or last < end_step:
+        raise ValueError(f"last_step must be an integer >= end_step={end_step}, got {last!r}")
     if _is_python_number(step):
-        in_range = start_step <= step <= end_step
-        return bool(in_range and ((step - start_step) % every == 0 or step == end_step))
+        on_grid = (step - start_step) % every == 0
+        return bool(step >= start_step and ((step <= last and on_grid) or step == end_step))
     step = jnp.asarray(step)
-    in_range = (step >= start_step) & (step <= end_step)
-    on_grid = ((step - start_step) % every == 0) | (step == end_step)
-    return in_range & on_grid
+    on_grid = (step - start_step) % every == 0
+    return (step >= start_step) & (((step <= last) & on_grid) | (step == end_step))
 
 
 def cosine_drop_fraction(step: Step, *, initial: float, end_step: int) -> Any:
@@ -141,29 +133,3 @@ def cosine_drop_fraction(step: Step, *, initial: float, end_step: int) -> Any:
         return initial * 0.5 * (1.0 + math.cos(math.pi * t))
     t = jnp.clip(jnp.asarray(step, jnp.float32), 0, end_step) / end_step
     return initial * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-
-
-def warmup_cosine_lr(
-    base_lr: float, warmup_steps: int, total_steps: int, end_lr_factor: float = 0.0
-) -> optax.Schedule:
-    """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then cosine decay to
-    ``base_lr * end_lr_factor`` at ``total_steps`` (which counts the warm-up), constant after.
-    """
-    if not base_lr > 0:
-        raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
-    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if int(total_steps) != total_steps or total_steps <= warmup_steps:
-        raise ValueError(
-            f"total_steps must be an integer > warmup_steps, got total_steps={total_steps}, "
-            f"warmup_steps={warmup_steps}"
-        )
-    if not 0.0 <= end_lr_factor <= 1.0:
-        raise ValueError(f"end_lr_factor must be in [0, 1], got {end_lr_factor!r}")
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=base_lr,
-        warmup_steps=int(warmup_steps),
-        decay_steps=int(total_steps),
-        end_value=base_lr * end_lr_factor,
-    )

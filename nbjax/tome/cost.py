@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from nbjax.model import build as model_build
 from nbjax.model import vit as model_lib
 from nbjax.tome import merge as tome
 
@@ -162,10 +163,10 @@ def cost_report(config: ml_collections.ConfigDict, num_classes: int,
                 image_shape: Sequence[int], compiled: bool = True) -> CostReport:
     """The :class:`CostReport` of the model ``config`` describes (``compiled=False``: analytic
     only, nothing is compiled)."""
-    model = model_lib.build_model(config, num_classes)
+    model = model_build.build_model(config, num_classes)
     merge_r = [int(r) for r in model.merge_r]
     depth = len(merge_r)
-    tokens_in = model_lib.num_input_tokens(config)
+    tokens_in = model_build.num_input_tokens(config)
     m = config.model
     kw = dict(num_tokens=tokens_in, hidden_dim=m.hidden_dim, mlp_dim=m.mlp_dim,
               num_heads=m.num_heads, patch_size=m.patch_size, channels=int(image_shape[-1]),

@@ -1,1 +1,3 @@
-"""Training: the state, the compiled step, the loop and its checkpoints."""
+"""Training: the state (state), the optimizer and its schedule (optimizer), the compiled train
+and eval steps (step), the loop (loop) with its log, checkpoints, workdir lock and preemption
+handling, and the TensorBoard writer."""

@@ -3,13 +3,16 @@
 Everything the loop decides is a function of the step, so a run stopped at a checkpoint and
 started again takes exactly the same batches and random numbers as one that never stopped:
 the batch order of epoch e is a permutation seeded by (seed, e), and the step's random key is
-``fold_in(state.rng, step)``. Checkpoints are taken at call boundaries; Ctrl-C saves first.
+``fold_in(state.rng, step)``. Checkpoints are taken at call boundaries, checked to hold only
+finite values; SIGTERM and Ctrl-C save at the current step before stopping. What nbjax
+guarantees when things go wrong is in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,14 +24,23 @@ from etils import epath
 from tqdm import tqdm
 
 from nbjax import config as config_lib
+from nbjax import errors
 from nbjax.burden import tracker as burden_tracker
 from nbjax.data import pipeline as data_lib
-from nbjax.model import vit as model_lib
+from nbjax.model import build as model_build
+from nbjax.parallel import collectives
 from nbjax.parallel import mesh as sharding_lib
 from nbjax.pruning import Pruner, make_pruner
 from nbjax.tome import cost as flops_lib
 from nbjax.train import checkpoint as checkpoint_lib
+from nbjax.train import metrics_log, preemption
+from nbjax.train import optimizer as optimizer_lib
+from nbjax.train import state as state_lib
 from nbjax.train import step as train
+from nbjax.train import tensorboard as tensorboard_lib
+from nbjax.train import workdir as workdir_lib
+
+FINAL_METRICS = "final_metrics.json"  # written last: its presence marks a finished run
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
@@ -37,8 +49,9 @@ def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
         return int(config.train.num_steps)
     steps_per_epoch = num_train // config.train.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
-                         f"{num_train} training examples")
+        raise errors.ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
+                                 f"{num_train} training examples",
+                                 f"set --config.train.batch_size to at most {num_train}")
     return max(1, int(round(config.train.num_epochs * steps_per_epoch)))
 
 
@@ -67,45 +80,6 @@ class BatchOrder:
         return np.stack(rows)
 
 
-class MetricsLog:
-    """JSON-lines metrics, one object per line with its step; resume drops lines past it."""
-
-    def __init__(self, path: str | os.PathLike, resume_step: int, enabled: bool = True) -> None:
-        self.path, self.enabled = epath.Path(path), enabled
-        self._lines: list[str] = []
-        if not enabled:
-            return
-        if self.path.exists():
-            self._lines = [line + "\n" for line in self.path.read_text().splitlines()
-                           if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            _write_atomic(self.path, "".join(self._lines))
-
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step)}
-        record.update({k: _to_python(v) for k, v in metrics.items()})
-        line = json.dumps(record) + "\n"
-        if "://" not in str(self.path):  # a local file: append
-            with self.path.open("a") as f:
-                f.write(line)
-        else:  # object stores (gs://) cannot append: rewrite the whole (small) file
-            self._lines.append(line)
-            _write_atomic(self.path, "".join(self._lines))
-
-
-def _write_atomic(path: epath.Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``."""
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _to_python(value: Any) -> Any:
-    value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
-
-
 def _crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
@@ -117,9 +91,9 @@ class Run:
     config: ml_collections.ConfigDict
     dataset: data_lib.Dataset
     mesh: Any
-    state: train.TrainState
+    state: state_lib.TrainState
     state_shardings: Any
-    train_chunk: Any
+    train_call: Any  # (state, images, labels, idx[k, B]) -> (state, metrics[k])
     eval_step: Any
     train_images: jax.Array
     train_labels: jax.Array
@@ -137,31 +111,24 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     reference, :func:`nbjax.bench.variants.unmasked_pruner`, has no masks at all).
     """
     config_lib.validate(config)
-    dataset = data_lib.load_dataset(config.data) if dataset is None else dataset
-    h, w, _ = dataset.image_shape
-    if (h, w) != (config.model.image_size, config.model.image_size):
-        raise ValueError(f"config.model.image_size={config.model.image_size} but the "
-                         f"{dataset.name} images are {h}x{w}")
+    dataset = _checked_dataset(config, dataset)
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
-    num_devices = mesh.devices.size
-    for key in ("batch_size", "eval_batch_size"):
-        if getattr(config.train, key) % num_devices:
-            raise ValueError(f"config.train.{key}={getattr(config.train, key)} must be a "
-                             f"multiple of the {num_devices} devices")
+    _check_batch_sizes(config, mesh.devices.size, len(dataset.train_labels))
     steps = total_steps(config, len(dataset.train_labels))
-    model = model_lib.build_model(config, dataset.num_classes)
-    tx = train.make_optimizer(config, steps)
+    model = model_build.build_model(config, dataset.num_classes)
+    tx = optimizer_lib.make_optimizer(config, steps)
     pruner = make_pruner(config, steps) if pruner is None else pruner
-    lr_fn = train.learning_rate_fn(config, steps)
+    lr_schedule = optimizer_lib.learning_rate_schedule(config, steps)
     # On a CPU mesh the step's gradient (and the burden probe's sums) cross the devices as one
-    # flat buffer (nbjax.parallel.mesh.flat_grad_reduce); elsewhere the compiler partitions them.
-    flat_mesh = mesh if sharding_lib.flat_grad_reduce(config, mesh) else None
+    # flat buffer; elsewhere the compiler partitions them (nbjax.parallel.collectives).
+    grad_reduce = collectives.grad_reduce_mode(config, mesh)
     # The burden metrics (docs/burden.md): off, the model collects no statistics either.
-    tracker = burden_tracker.make_tracker(config, model, pruner, dataset.image_shape,
-                                          flat_mesh=flat_mesh) if config.burden.enabled else None
+    tracker = burden_tracker.make_tracker(
+        config, model, pruner, dataset.image_shape, grad_reduce=grad_reduce,
+        mesh=mesh) if config.burden.enabled else None
 
-    def init() -> train.TrainState:
-        return train.init_state(model, tx, pruner, dataset.image_shape, config.seed,
+    def init() -> state_lib.TrainState:
+        return state_lib.init_state(model, tx, pruner, dataset.image_shape, config.seed,
                                 burden_init=tracker.init if tracker is not None else None)
 
     # The state is created by a compiled call straight into its shardings: no host copy, no
@@ -170,19 +137,59 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
                                              config.sharding.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()
     step = train.make_train_step(config, model, tx, pruner, dataset.num_classes,
-                                 dataset.mean, dataset.std, burden_fn=tracker, lr_fn=lr_fn,
-                                 flat_mesh=flat_mesh)
+                                 dataset.mean, dataset.std, tracker=tracker,
+                                 lr_schedule=lr_schedule, grad_reduce=grad_reduce, mesh=mesh)
     repl = sharding_lib.replicated(mesh)
-    train_chunk = jax.jit(train.make_multi_step(step), donate_argnums=0,
-                          out_shardings=(shardings, repl))
-    eval_step = jax.jit(train.make_eval_step(model, dataset.num_classes, dataset.mean,
-                                             dataset.std), out_shardings=repl)
-    # The dataset is replicated on every device (MNIST and CIFAR-10 fit easily); each device
-    # gathers only its own rows of the batch from it (see docs/scaling.md).
-    put = lambda x: sharding_lib.put_replicated(x, mesh)
-    return Run(config, dataset, mesh, state, shardings, train_chunk, eval_step,
-               put(dataset.train_images), put(dataset.train_labels),
-               put(dataset.test_images), put(dataset.test_labels), steps, pruner)
+    train_call = jax.jit(train.make_train_call(step), donate_argnums=0,
+                         out_shardings=(shardings, repl))
+    return Run(config=config, dataset=dataset, mesh=mesh, state=state,
+               state_shardings=shardings, train_call=train_call,
+               eval_step=_eval_step(model, dataset, repl), total_steps=steps, pruner=pruner,
+               **_device_data(dataset, mesh))
+
+
+def _checked_dataset(config: ml_collections.ConfigDict,
+                     dataset: data_lib.Dataset | None) -> data_lib.Dataset:
+    """The dataset ``config.data`` names (unless given), checked against ``config.model``."""
+    dataset = data_lib.load_dataset(config.data) if dataset is None else dataset
+    height, width, _ = dataset.image_shape
+    if (height, width) != (config.model.image_size, config.model.image_size):
+        raise errors.ConfigError(
+            f"config.model.image_size={config.model.image_size} but the {dataset.name} "
+            f"images are {height}x{width}",
+            f"set --config.model.image_size={height} (and a patch_size dividing it)")
+    return dataset
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,
+                       num_train: int) -> None:
+    """Batches split evenly over the devices, and a train batch fits in the train set."""
+    for key in ("batch_size", "eval_batch_size"):
+        size = config.train[key]
+        if size % num_devices:
+            multiple = max(num_devices, size // num_devices * num_devices)
+            raise errors.ConfigError(
+                f"config.train.{key}={size} is not a multiple of the {num_devices} devices",
+                f"set --config.train.{key}={multiple} (or another multiple of {num_devices})")
+    if config.train.batch_size > num_train:
+        raise errors.ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is larger than the "
+            f"{num_train} training examples",
+            f"set --config.train.batch_size to at most {num_train}")
+
+
+def _eval_step(model: Any, dataset: data_lib.Dataset, replicated: Any) -> Any:
+    """The jitted eval step: sums of correct, loss and count, replicated on every device."""
+    return jax.jit(train.make_eval_step(model, dataset.num_classes, dataset.mean, dataset.std),
+                   out_shardings=replicated)
+
+
+def _device_data(dataset: data_lib.Dataset, mesh: Any) -> dict[str, jax.Array]:
+    """The dataset replicated on every device; each device gathers its own batch rows from it
+    (MNIST and CIFAR-10 fit easily, see docs/scaling.md)."""
+    arrays = {"train_images": dataset.train_images, "train_labels": dataset.train_labels,
+              "test_images": dataset.test_images, "test_labels": dataset.test_labels}
+    return {name: sharding_lib.put_replicated(array, mesh) for name, array in arrays.items()}
 
 
 def eval_batches(num_examples: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -199,7 +206,7 @@ def eval_batches(num_examples: int, batch_size: int) -> list[tuple[np.ndarray, n
     return out
 
 
-def evaluate(run: Run, state: train.TrainState) -> dict[str, float]:
+def evaluate(run: Run, state: state_lib.TrainState) -> dict[str, float]:
     """Test loss and accuracy over every test example exactly once (last batch padded).
 
     Each process transfers only its rows of each global batch; the sums come back replicated.
@@ -218,87 +225,168 @@ def evaluate(run: Run, state: train.TrainState) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: data_lib.Dataset | None = None) -> dict[str, Any]:
+                       dataset: data_lib.Dataset | None = None,
+                       allow_config_change: bool = False) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds a checkpoint), evaluates, returns metrics.
 
-    ``workdir`` is a local path or a ``gs://`` URL. With several processes every process calls
-    this (SPMD); only process 0 writes files, except the checkpoints, which Orbax writes
+    ``workdir`` is a local path or a ``gs://`` URL, held by one run at a time; a resume must
+    use the config the run began with, except for the keys that cannot change its trajectory
+    (``allow_config_change`` overrides; :mod:`nbjax.train.workdir`). A finished run returns
+    its final metrics and writes nothing. With several processes every process calls this
+    (SPMD); only process 0 writes files, except the checkpoints, which Orbax writes
     collectively, so ``workdir`` must be one location that every process sees.
     """
+    config_lib.validate(config)
     workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-    run = build(config, dataset)
-    t = config.train
-    final_path = workdir / "final_metrics.json"
-    if is_main:
-        (workdir / "config.json").write_text(config_lib.to_json(config))
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    state = run.state
-    start = ckpt.latest_step() or 0
-    if start == run.total_steps and final_path.exists():
-        ckpt.close()
-        return json.loads(final_path.read_text())
-    if start:
-        state = ckpt.restore(checkpoint_lib.abstract_like(state))
-    if is_main:  # tokens per block and forward FLOPs/image, printed and in flops.json
-        flops_lib.startup_report(config, run.dataset.num_classes, run.dataset.image_shape,
-                                 workdir)
-    log = MetricsLog(workdir / "metrics.jsonl", start, enabled=is_main)
-    order = BatchOrder(len(run.dataset.train_labels), t.batch_size, config.seed)
-    bar = tqdm(total=run.total_steps, initial=start, disable=not (t.progress and is_main),
-               unit="step", dynamic_ncols=True)
-    step, last_log_step, last_log_time = start, start, time.perf_counter()
-    pending: list[dict[str, Any]] = []
-    try:
-        while step < run.total_steps:
-            k = min(t.steps_per_call, run.total_steps - step)
-            state, metrics = run.train_chunk(state, run.train_images, run.train_labels,
-                                             train_indices(run, order, step, k))
-            pending.append(metrics)
-            before, step = step, step + k
-            bar.update(k)
-            if _crossed(before, step, t.log_every) or step == run.total_steps:
-                record = _last_values(pending)
-                pending.clear()
-                now = time.perf_counter()
-                record["train/images_per_sec"] = (step - last_log_step) * t.batch_size / max(
-                    now - last_log_time, 1e-9)
-                last_log_step, last_log_time = step, now
-                if _crossed(before, step, t.eval_every):
-                    record.update(evaluate(run, state))
-                _check_finite(record, step)
-                log.write(step, record)
-                bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                acc=f"{record['train/accuracy']:.3f}",
-                                img_s=f"{record['train/images_per_sec']:.0f}")
-            if _crossed(before, step, t.checkpoint_every) and step < run.total_steps:
-                ckpt.save(step, state)
-    except KeyboardInterrupt:
-        bar.close()
-        if jax.process_count() > 1:
-            # A save is collective and the other processes are not here: saving would hang.
-            # The periodic checkpoints (train.checkpoint_every) are the resume points.
-            if is_main:
-                print(f"\ninterrupted at step {step}; several processes, so no save on "
-                      f"interrupt: a rerun resumes from the latest checkpoint in "
-                      f"{ckpt.directory}")
-            raise
+    with workdir_lib.hold(workdir):
+        changes = workdir_lib.check_resume(workdir, config, allow_config_change)
+        final = _final_metrics(workdir)
+        if final is not None and all(workdir_lib.is_safe(key) for key in changes):
+            return final
+        run = build(config, dataset)
+        ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints",
+                                           keep=config.train.keep_checkpoints)
+        try:
+            state, start = _restore(run, ckpt)
+            if final is not None and start == run.total_steps:
+                return final
+            _set_final_aside(workdir, final)
+            workdir_lib.record_start(workdir, config, start, changes, allow_config_change)
+            if jax.process_index() == 0:  # tokens per block and forward FLOPs, in flops.json
+                flops_lib.startup_report(config, run.dataset.num_classes,
+                                         run.dataset.image_shape, workdir)
+            log = metrics_log.MetricsLog(workdir / "metrics.jsonl", start,
+                                         enabled=jax.process_index() == 0)
+            board = tensorboard_lib.make_writer(config, workdir, start,
+                                                enabled=jax.process_index() == 0)
+            try:
+                state, step = _train_steps(run, ckpt, state, start, log, board)
+                return _finish(run, ckpt, state, step, log, workdir, board)
+            finally:
+                board.close()
+        finally:
+            ckpt.close()
+
+
+def _final_metrics(workdir: epath.Path) -> dict[str, Any] | None:
+    path = workdir / FINAL_METRICS
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _set_final_aside(workdir: epath.Path, final: dict[str, Any] | None) -> None:
+    """A finished run trained further (a changed length): its old final metrics are kept
+    under their step's name, so the file means "finished" again only when it is."""
+    if final is not None and jax.process_index() == 0:
+        steps = final.get("train/steps", "old")
+        (workdir / FINAL_METRICS).rename(workdir / f"final_metrics.step{steps}.json")
+
+
+def _restore(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[state_lib.TrainState, int]:
+    """The newest good checkpoint's state and step, or the fresh state at step 0."""
+    def warn(line: str) -> None:
+        if jax.process_index() == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    restored = ckpt.restore_latest_good(checkpoint_lib.abstract_like(run.state), warn)
+    return restored if restored is not None else (run.state, 0)
+
+
+class _Progress:
+    """The loop's host side: pending device metrics, the progress bar, throughput, the log."""
+
+    def __init__(self, run: Run, ckpt: checkpoint_lib.Checkpointer, start: int,
+                 log: metrics_log.MetricsLog,
+                 board: tensorboard_lib.TensorBoardWriter) -> None:
+        self.run, self.log, self.board = run, log, board
+        self.pending = metrics_log.PendingMetrics(ckpt.resume_note)
+        is_main = jax.process_index() == 0
+        self.bar = tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=not (run.config.train.progress and is_main))
+        self.last_step, self.last_time = start, time.perf_counter()
+
+    def log_step(self, state: state_lib.TrainState, before: int, step: int) -> None:
+        """Fetches (and checks) the pending metrics, evaluates if due, writes the record."""
+        record = self.pending.fetch()
+        now = time.perf_counter()
+        record["train/images_per_sec"] = ((step - self.last_step) * self.run.config.train.
+                                          batch_size / max(now - self.last_time, 1e-9))
+        self.last_step, self.last_time = step, now
+        if _crossed(before, step, self.run.config.train.eval_every):
+            record.update(evaluate(self.run, state))
+        self.log.write(step, record)
+        self.board.log(step, record, state)  # on every process: may gather FSDP shards
+        self.bar.set_postfix(loss=f"{record['train/loss']:.4f}",
+                             acc=f"{record['train/accuracy']:.3f}",
+                             img_s=f"{record['train/images_per_sec']:.0f}")
+
+
+def _train_steps(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.TrainState,
+                 start: int, log: metrics_log.MetricsLog,
+                 board: tensorboard_lib.TensorBoardWriter) -> tuple[state_lib.TrainState, int]:
+    """Runs the compiled calls from ``start`` to the end, logging and checkpointing on the
+    way; a stop request (SIGTERM, Ctrl-C) saves at the current step and raises Stopped."""
+    train_cfg = run.config.train
+    order = BatchOrder(len(run.dataset.train_labels), train_cfg.batch_size, run.config.seed)
+    progress = _Progress(run, ckpt, start, log, board)
+    step = start
+    with preemption.StopSignals() as stop:
+        try:
+            while step < run.total_steps:
+                num_steps = min(train_cfg.steps_per_call, run.total_steps - step)
+                state, metrics = run.train_call(state, run.train_images, run.train_labels,
+                                                train_indices(run, order, step, num_steps))
+                progress.pending.add(step, metrics)
+                before, step = step, step + num_steps
+                progress.bar.update(num_steps)
+                if _crossed(before, step, train_cfg.log_every) or step == run.total_steps:
+                    progress.log_step(state, before, step)
+                if stop.requested():
+                    _save_and_stop(ckpt, progress, state, step, stop.signum)
+                if _crossed(before, step, train_cfg.checkpoint_every) and step < run.total_steps:
+                    progress.pending.fetch()  # never checkpoint past a non-finite step
+                    ckpt.save(step, state)
+        except KeyboardInterrupt as interrupt:  # raised by code inside the loop itself
+            if isinstance(interrupt, errors.Stopped) or stop.forced or not _intact(state):
+                raise
+            _save_and_stop(ckpt, progress, state, step, signal.SIGINT)
+        finally:
+            progress.bar.close()
+    return state, step
+
+
+def _intact(state: state_lib.TrainState) -> bool:
+    """Whether ``state`` can still be saved (a call interrupted mid-way has donated it)."""
+    return jax.process_count() == 1 and not any(
+        leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
+
+
+def _save_and_stop(ckpt: checkpoint_lib.Checkpointer, progress: _Progress,
+                   state: state_lib.TrainState, step: int, signum: int | None) -> None:
+    """Checks the pending steps, saves ``state`` at ``step`` and raises Stopped."""
+    progress.pending.fetch()
+    if ckpt.latest_step() != step:
         ckpt.save(step, state, force=True)
-        ckpt.close()
-        print(f"\ninterrupted: saved a checkpoint at step {step} in {ckpt.directory}; "
-              "run the same command again to resume")
-        raise
-    bar.close()
+    ckpt.wait()
+    name = signal.Signals(signum or signal.SIGINT).name
+    raise errors.Stopped(f"stopped by {name} at step {step}; saved a checkpoint in "
+                         f"{ckpt.directory} — run the same command again to resume",
+                         signum or signal.SIGINT)
+
+
+def _finish(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.TrainState, step: int,
+            log: metrics_log.MetricsLog, workdir: epath.Path,
+            board: tensorboard_lib.TensorBoardWriter) -> dict[str, Any]:
+    """Final evaluation, the final checkpoint, then final_metrics.json (which marks the end)."""
     final = evaluate(run, state)
     final["train/steps"] = step
     log.write(step, {**final, "final": True})
+    board.log(step, final)
+    tensorboard_lib.log_merge_picture(board, run, state, step)  # runs that merge tokens
     if ckpt.latest_step() != step:
         ckpt.save(step, state, force=True)
-    ckpt.close()
-    if is_main:
-        _write_atomic(final_path, json.dumps(final, indent=2))
+    ckpt.wait()
+    if jax.process_index() == 0:
+        metrics_log.write_atomic(workdir / FINAL_METRICS, json.dumps(final, indent=2))
     return final
 
 
@@ -311,17 +399,3 @@ def train_indices(run: Run, order: BatchOrder, step: int, num_steps: int) -> jax
     """
     sharding = sharding_lib.batch_sharding(run.mesh, batch_axis=1)
     return sharding_lib.put_batch(order.block(step, num_steps), sharding)
-
-
-def _last_values(pending: list[dict[str, Any]]) -> dict[str, Any]:
-    """Host copies of the metrics of the last step of the pending calls (one sync)."""
-    last = jax.device_get(pending[-1])
-    return {k: np.asarray(v)[-1] for k, v in last.items()}
-
-
-def _check_finite(record: dict[str, Any], step: int) -> None:
-    loss = float(record["train/loss"])
-    if not np.isfinite(loss):
-        raise FloatingPointError(
-            f"train loss is {loss} at step {step}: lower train.learning_rate, keep "
-            "train.grad_clip_norm > 0, or check the data; the last good checkpoint is kept")
