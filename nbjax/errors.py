@@ -24,6 +24,8 @@ from typing import Any
 
 EXIT_FAILURE = 1  # the run failed (a non-finite loss, an unwritable checkpoint, an OS error)
 EXIT_USAGE = 2  # the user asked for something impossible (a key, a value, a file, a workdir)
+# A path the user gave that is missing or unusable; other OS errors (a full disk) are failures.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "NBJAX_VERBOSE"
 
@@ -123,6 +125,11 @@ def _fail(line: str, code: int) -> None:
     sys.exit(code)
 
 
+def _is_path_error(err: OSError) -> bool:
+    # Some libraries re-raise a missing file as a bare OSError that only names it in its text.
+    return isinstance(err, _PATH_ERRORS) or "No such file or directory" in str(err)
+
+
 def run_cli(main: Callable[..., Any], *args: Any) -> Any:
     """Calls ``main(*args)``; an error the user can act on becomes one line and an exit status.
 
@@ -145,5 +152,6 @@ def run_cli(main: Callable[..., Any], *args: Any) -> Any:
     except OSError as err:
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         _fail(f"error: {err.strerror or err}{where} — check the path, its permissions and "
-              f"the free space ({VERBOSE_FLAG} shows where it happened)", EXIT_FAILURE)
+              f"the free space ({VERBOSE_FLAG} shows where it happened)",
+              EXIT_USAGE if _is_path_error(err) else EXIT_FAILURE)
     return None

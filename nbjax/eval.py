@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from nbjax import errors
 from nbjax.data import pipeline as data_lib
 from nbjax.model import build as model_build
 from nbjax.model import vit as model_lib
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         overrides = parse_data_overrides(extra)
         result = evaluate_run(args.workdir, args.step, overrides)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, errors.UserError) as err:
         parser.exit(2, f"error: {err}\n")
     print(format_table(result))
     if args.json:
@@ -249,4 +250,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

@@ -34,6 +34,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
+from nbjax import errors
 from nbjax.data import pipeline as data_lib
 from nbjax.model import build as model_build
 from nbjax.model import vit as model_lib
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         summary = export_run(args.workdir, args.out, args.step)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, errors.UserError) as err:
         parser.exit(2, f"error: {err}\n")
     kinds = sorted(set(summary["encodings"].values()))
     print(f"wrote {summary['path']}: {summary['bytes']} bytes; masks as "
@@ -230,4 +231,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

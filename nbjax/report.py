@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from nbjax import errors, pruning
 from nbjax.study import plots
 from nbjax.study import report as study_report
 
@@ -78,7 +79,7 @@ class RunLog:
             steps, values = self.series(key)
             if len(steps):
                 return steps, values
-        if self.method == "none":
+        if self.method in pruning.registered() and not pruning.method(self.method).prunes:
             steps, _ = self.series("train/loss")
             return steps, np.zeros(len(steps))
         return np.zeros(0, np.int64), np.zeros(0)
@@ -353,4 +354,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nbjax import config as config_lib
+from nbjax import errors
 from nbjax.bench import report as bench_report
 from nbjax.bench.runner import run_bench
 from nbjax.bench.variants import DEFAULT_VARIANTS
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> None:
     try:
         config_lib.validate(config)
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise errors.UserError(str(err)) from err
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     out = run_bench(config, f.variants, f.steps, f.warmup, f.torch, f.real_data, f.devices,
                     torch_threads=f.torch_threads,
@@ -60,4 +61,4 @@ def run() -> None:
     """Console entry: one XLA device per CPU core (before JAX starts), then the benchmark."""
     sharding_lib.use_all_cpu_cores()
     define_flags()
-    app.run(main)
+    errors.run_cli(lambda: app.run(main))

@@ -102,14 +102,18 @@ class Method:
 
     ``persistent_variant``: ``mitigation.persistent=True`` has a meaning for it.
     ``always_persistent``: the method is persistent whatever ``mitigation.persistent`` says
-    (so its persistent variant is itself). ``check(config)`` raises ``ValueError`` for a
-    config the method cannot run (called by :func:`nbjax.config.validate`).
+    (so its persistent variant is itself). ``prunes``: False for the dense reference.
+    ``random_fixed_mask``: the mask is drawn without looking at the weights and never changes
+    (so the burden's selection index is about 1). ``check(config)`` raises ``ValueError`` for
+    a config the method cannot run (called by :func:`nbjax.config.validate`).
     """
 
     name: str
     factory: Callable[[ml_collections.ConfigDict, int], Pruner]
     persistent_variant: bool = True
     always_persistent: bool = False
+    prunes: bool = True
+    random_fixed_mask: bool = False
     check: Callable[[ml_collections.ConfigDict], None] | None = None
 
 

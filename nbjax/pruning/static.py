@@ -20,7 +20,7 @@ from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import Pruner, prunable, register
 
 
-@register("static", persistent_variant=False)
+@register("static", persistent_variant=False, random_fixed_mask=True)
 def static(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     """A random mask fixed at step 0."""
     del total_steps
@@ -33,7 +33,7 @@ def static(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     return Pruner("static", persistent=False, init=init, update=common.fixed_update)
 
 
-@register("none")
+@register("none", prunes=False)
 def dense(config: ml_collections.ConfigDict, total_steps: int) -> Pruner:
     """The dense reference: all-ones masks that never change."""
     del total_steps

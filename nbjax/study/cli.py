@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from nbjax import errors
+
 FLAGS = flags.FLAGS
 _NAMES = ("config", "workdir", "dry_run", "status", "records")
 
@@ -74,7 +76,7 @@ def run(args: list[str]) -> None:
     try:
         _run(args)
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise errors.UserError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,4 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
     sharding.use_all_cpu_cores()
     define_flags()
-    app.run(run, argv=rewrite_argv(sys.argv if argv is None else argv))
+    errors.run_cli(lambda: app.run(run, argv=rewrite_argv(sys.argv if argv is None else argv)))

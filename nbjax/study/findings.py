@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nbjax import pruning
 from nbjax.study import statistics as st
 
 DENSE = "none"  # the method name of the dense cells
@@ -181,7 +182,7 @@ def static_selection(cells: Sequence[Cell]) -> list[Finding]:
     """Claim (f): the selection index of static cells, per sparsity, against 1."""
     out = []
     for (method, sparsity, arm), group in sorted(by_key(cells).items()):
-        if method != "static" or arm != PLAIN:
+        if not pruning.method(method).random_fixed_mask or arm != PLAIN:
             continue
         est = st.mean_ci(c.selection for c in group)
         if est.n:
