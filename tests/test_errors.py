@@ -230,12 +230,12 @@ def test_run_cli_maps_errors_to_one_line_and_status(tmp_path):
         "def main():\n"
         "    if kind == 'user': raise errors.UserError('bad input', 'fix it')\n"
         "    if kind == 'nan': raise errors.NonFiniteError('loss is nan', 'lower the rate')\n"
-        "    if kind == 'disk': open('/proc/nbjax-no-such-dir/x', 'w')\n"
+        "    if kind == 'path': open('/proc/nbjax-no-such-dir/x', 'w')\n"
         "    if kind == 'stop': raise errors.Stopped('stopped by SIGTERM at step 3', 15)\n"
         "    print('ok')\n"
         "errors.run_cli(main)\n")
     expected = {"user": (2, "error: bad input — fix it"), "nan": (1, "error: loss is nan"),
-                "disk": (1, "error: No such file or directory: /proc/nbjax-no-such-dir/x"),
+                "path": (2, "error: No such file or directory: /proc/nbjax-no-such-dir/x"),
                 "stop": (143, "stopped by SIGTERM at step 3"), "fine": (0, "")}
     for kind, (status, start) in expected.items():
         proc = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True,
