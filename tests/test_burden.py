@@ -26,6 +26,7 @@ from nbjax.pruning import Pruner, common, make_pruner
 from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import PruneResult, prunable
 from nbjax.train import checkpoint, loop
+from nbjax.train import hparams as hparams_lib
 from nbjax.train import step as train
 from nbjax.train.optimizer import make_optimizer
 from nbjax.train.state import init_state
@@ -326,9 +327,10 @@ def run_with_pruner(config, pruner, reference, num_calls):
     tracker = dataclasses.replace(
         burden_tracker.make_tracker(config, model, pruner, ds.image_shape),
         reference_step=reference)
-    state = init_state(model, tx, pruner, ds.image_shape, config.seed, burden_init=tracker.init)
-    step = train.make_train_step(config, model, tx, pruner, ds.num_classes, ds.mean, ds.std,
-                                 tracker=tracker)
+    state = init_state(model, tx, pruner, ds.image_shape, config.seed,
+                       hparams_lib.from_config(config), burden_init=tracker.init)
+    step = train.make_train_step(config, model, pruner, ds.num_classes, ds.mean, ds.std,
+                                 total_steps=steps, tracker=tracker)
     chunk = jax.jit(train.make_train_call(step))
     order = loop.BatchOrder(len(ds.train_labels), config.train.batch_size, config.seed)
     k, history = config.train.steps_per_call, []

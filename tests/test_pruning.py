@@ -23,6 +23,7 @@ from nbjax.model import build as model_build
 from nbjax.parallel.mesh import make_mesh
 from nbjax.pruning import PruneContext, common, make_pruner, schedule_steps, schedules
 from nbjax.pruning import masks as mk
+from nbjax.train import hparams as hparams_lib
 from nbjax.train import loop
 from nbjax.train import optimizer as optimizer_lib
 from nbjax.train import step as train
@@ -107,7 +108,8 @@ def simulate(config, tx, steps=T):
             params = mk.apply_masks(params, masks)
         ctx = pruner.update(PruneContext(step=t, params=params, masks=masks,
                                          opt_state=opt_state, pruning_state=pstate,
-                                         grads=normal_like(kg, params), rng=kr))
+                                         grads=normal_like(kg, params), rng=kr,
+                                         hparams=hparams_lib.from_config(config)))
         carry = (ctx.params, ctx.masks, ctx.opt_state, ctx.pruning_state, key)
         return carry, (ctx.masks, ctx.opt_state, ctx.metrics)
 
@@ -278,7 +280,8 @@ def test_pdwp_reranks_on_its_own_grid_but_prunes_to_gmps_staircase():
         for step in range(T):
             ctx = update(PruneContext(step=jnp.int32(step), params=params, masks=masks,
                                       opt_state=opt_state, pruning_state=state, grads=params,
-                                      rng=jax.random.PRNGKey(3)))
+                                      rng=jax.random.PRNGKey(3),
+                                      hparams=hparams_lib.from_config(config)))
             masks, state = ctx.masks, ctx.pruning_state
             flags.append(bool(ctx.metrics["pruning/mask_updated"]))
             targets.append(float(ctx.metrics["pruning/target_sparsity"]))
@@ -308,7 +311,8 @@ def test_weight_comes_back_when_its_magnitude_overtakes(method, comes_back):
     def at(step, params, masks, state):
         return update(PruneContext(step=jnp.int32(step), params=params, masks=masks,
                                    opt_state=opt_state, pruning_state=state, grads=params,
-                                   rng=jax.random.PRNGKey(3)))
+                                   rng=jax.random.PRNGKey(3),
+                                   hparams=hparams_lib.from_config(config)))
 
     ctx = at(8, params, masks, state)  # first update with sparsity > 0
     fc1 = np.asarray(ctx.masks["block_0"]["mlp"]["fc1"]["kernel"])
@@ -340,7 +344,8 @@ def test_rigl_update_drops_smallest_and_regrows_largest_gradient_by_hand():
     step = 4
     ctx = jax.jit(pruner.update)(PruneContext(
         step=jnp.int32(step), params=params, masks=masks, opt_state=optax.adam(1e-3).init(params),
-        pruning_state=state, grads=mk.nest({**weights, **grads}), rng=jax.random.PRNGKey(3)))
+        pruning_state=state, grads=mk.nest({**weights, **grads}), rng=jax.random.PRNGKey(3),
+        hparams=hparams_lib.from_config(config)))
     f = schedules.cosine_drop_fraction(step, initial=config.pruning.drop_fraction,
                                        end_step=30)
     regrown_total = 0

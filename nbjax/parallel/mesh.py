@@ -16,6 +16,7 @@ Host data enters the mesh two ways, both valid with one process or many:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -25,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+MEMBER_AXIS = "member"  # a population's members (nbjax.population)
 
 
 def use_all_cpu_cores() -> None:
@@ -51,6 +53,25 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def population_mesh(num_members: int, devices: list[jax.Device] | None = None) -> Mesh:
+    """A ``member`` × ``data`` mesh for ``num_members`` members over ``devices``.
+
+    The member axis takes the largest share of the devices that divides the member count
+    (gcd), so with at least as many members as devices (and divisible) every device holds
+    whole members and no gradient sum crosses devices; the rest of the devices split each
+    member's batch. Devices are in process order, so the member axis spans the processes.
+    """
+    devices = jax.devices() if devices is None else devices
+    members = math.gcd(num_members, len(devices))
+    grid = np.asarray(devices).reshape(members, len(devices) // members)
+    return Mesh(grid, (MEMBER_AXIS, DATA_AXIS))
+
+
+def member_sharding(mesh: Mesh) -> NamedSharding:
+    """Split along the leading (member) axis over the mesh's ``member`` axis."""
+    return NamedSharding(mesh, P(MEMBER_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

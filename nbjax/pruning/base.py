@@ -47,6 +47,7 @@ class PruneContext:
     pruning_state: PyTree
     grads: PyTree  # dense gradients of the step (RigL's regrowth score)
     rng: jax.Array
+    hparams: dict[str, jax.Array]  # the run's per-member scalars (nbjax.train.hparams)
 
 
 @jax.tree_util.register_dataclass

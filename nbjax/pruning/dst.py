@@ -70,8 +70,7 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
     """The SET (random regrowth) or RigL (gradient regrowth) pruner."""
     p = config.pruning
     s = schedules.validate_sparsity(p.sparsity, "pruning.sparsity")
-    drop_fraction = schedules.validate_sparsity(p.drop_fraction, "pruning.drop_fraction",
-                                                allow_one=True)
+    schedules.validate_sparsity(p.drop_fraction, "pruning.drop_fraction", allow_one=True)
     every = int(p.update_every)
     schedules.validate_every(every)
     t_end = drop_end_step(config, total_steps)
@@ -82,8 +81,9 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
     def is_update(step: jax.Array) -> jax.Array:
         return (step > 0) & (step % every == 0) & (step < t_end)
 
-    def fraction(step: jax.Array) -> jax.Array:
-        return schedules.cosine_drop_fraction(step, initial=drop_fraction, end_step=t_end)
+    def fraction(ctx: PruneContext) -> jax.Array:  # the member's own drop fraction
+        return schedules.cosine_drop_fraction(ctx.step, initial=ctx.hparams["drop_fraction"],
+                                              end_step=t_end)
 
     def init(params, rng):
         paths = prunable(params, config)
@@ -96,13 +96,13 @@ def dynamic_sparse(config: ml_collections.ConfigDict, total_steps: int, *, name:
         weights = masks_lib.select(ctx.params, paths)
         drop_scores = {q: common.exclude(jnp.abs(weights[q]), ~old[q]) for q in paths}
         grow_scores = _grow_scores(ctx, old, paths, regrow_by_gradient)
-        new = drop_and_grow(old, drop_scores, grow_scores, fraction(ctx.step))
+        new = drop_and_grow(old, drop_scores, grow_scores, fraction(ctx))
         targets = (common.realised_targets(new) if global_scope
                    else masks_lib.flatten(ctx.pruning_state["leaf_targets"]))
         return new, targets, ctx.pruning_state["target_sparsity"]
 
     def extra(ctx: PruneContext) -> dict[str, jax.Array]:
-        return {f"{common.PREFIX}/drop_fraction": jnp.asarray(fraction(ctx.step), jnp.float32)}
+        return {f"{common.PREFIX}/drop_fraction": jnp.asarray(fraction(ctx), jnp.float32)}
 
     update = common.make_update(is_update, rule, persistent=persistent, extra_metrics=extra)
     return Pruner(name, persistent=persistent, init=init, update=update, update_every=every,

@@ -76,25 +76,36 @@ def _global_rule(old: Mapping[str, jax.Array], scores: Mapping[str, jax.Array],
 
 
 def _layerwise_rule(old: Mapping[str, jax.Array], scores: Mapping[str, jax.Array],
-                    step: jax.Array, target: Target, finals: Mapping[str, float],
-                    s_i: float, s_f: float, persistent: bool) -> tuple[dict, dict]:
-    """Per-leaf top-k, leaf l on the schedule from s_i · s_l^f / s_f to s_l^f."""
+                    step: jax.Array, target: Target, shares: Mapping[str, float] | None,
+                    s_i: jax.Array, s_f: jax.Array, persistent: bool) -> tuple[dict, dict]:
+    """Per-leaf top-k, leaf l on the schedule from s_i · s_l^f / s_f to s_l^f.
+
+    ``shares`` None: every leaf ends at s_f (uniform). Otherwise ``{path: (s_l^f, s_l^f /
+    s_f)}`` from the distribution, as Python floats.
+    """
     targets, ks = {}, {}
     for q, m in old.items():
-        # exactly s_i for a leaf at s_f, as under uniform
-        start = s_i if finals[q] == s_f else s_i * finals[q] / s_f
-        targets[q] = target(step, start, finals[q])
+        final, share = (s_f, 1.0) if shares is None else shares[q]
+        targets[q] = target(step, s_i * share if share != 1.0 else s_i, final)
         ks[q] = masks_lib.num_to_keep(m.size, targets[q])
         if not persistent:  # never ask a leaf to regrow (float noise); a no-op in exact math
             ks[q] = jnp.minimum(ks[q], jnp.sum(m, dtype=jnp.int32))
     return common.topk_layerwise(scores, ks), targets
 
 
+def _leaf_shares(old: Mapping[str, jax.Array], s_f: float, config: ml_collections.ConfigDict
+                 ) -> dict[str, tuple[float, float]]:
+    """``{path: (s_l^f, s_l^f / s_f)}`` of a non-uniform distribution at the config's s_f
+    (so a population's members share s_f under it, nbjax.train.hparams)."""
+    finals = common.leaf_targets({q: m.shape for q, m in old.items()}, s_f, config)
+    return {q: (f, 1.0 if f == s_f else f / s_f) for q, f in finals.items()}
+
+
 def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
             persistent: bool) -> Pruner:
     """The gradual magnitude pruner (persistent or not) for a run of ``total_steps``."""
     p = config.pruning
-    s_i = schedules.validate_sparsity(p.initial_sparsity, "pruning.initial_sparsity")
+    schedules.validate_sparsity(p.initial_sparsity, "pruning.initial_sparsity")
     s_f = schedules.validate_sparsity(p.sparsity, "pruning.sparsity")
     every = int(p.update_every)
     schedules.validate_every(every)
@@ -103,7 +114,7 @@ def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
     t0, t1 = schedule_steps(config, total_steps)
     last = persistent_end_step(config, total_steps) if persistent else t1
     target = _staircase(t0, t1, every, float(p.exponent))
-    scope = p.scope
+    scope, uniform = p.scope, p.distribution == "uniform"
 
     def is_update(step: jax.Array) -> jax.Array:
         return schedules.is_update_step(step, start_step=t0, end_step=t1, every=rerank_every,
@@ -118,11 +129,13 @@ def gradual(config: ml_collections.ConfigDict, total_steps: int, *, name: str,
     def rule(ctx: PruneContext):
         old = masks_lib.flatten(ctx.masks)
         scores = _magnitude_scores(ctx, old, persistent)
-        total = target(ctx.step, s_i, s_f)
+        # The member's own sparsities (nbjax.train.hparams), traced.
+        total = target(ctx.step, ctx.hparams["initial_sparsity"], ctx.hparams["sparsity"])
         if scope == "global":
             return _global_rule(old, scores, total, persistent)
-        finals = common.leaf_targets({q: m.shape for q, m in old.items()}, s_f, config)
-        new, targets = _layerwise_rule(old, scores, ctx.step, target, finals, s_i, s_f,
+        shares = None if uniform else _leaf_shares(old, s_f, config)
+        new, targets = _layerwise_rule(old, scores, ctx.step, target, shares,
+                                       ctx.hparams["initial_sparsity"], ctx.hparams["sparsity"],
                                        persistent)
         return new, targets, total
 

@@ -11,6 +11,7 @@ import math
 from numbers import Real
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,6 +62,14 @@ def _is_python_number(x: Any) -> bool:
     return isinstance(x, (Real, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def _checked_sparsity(value: Any, name: str, *, allow_one: bool = False) -> Any:
+    """A Python ``value`` validated as a sparsity; a JAX value (a population member's, traced)
+    as it is: it was validated in its member's config."""
+    if isinstance(value, jax.Array | jax.core.Tracer):
+        return value
+    return validate_sparsity(value, name, allow_one=allow_one)
+
+
 # --------------------------------------------------------------------------------------------
 # Schedules
 # --------------------------------------------------------------------------------------------
@@ -83,8 +92,8 @@ def polynomial_sparsity(
 
     Returns a Python float for a Python ``step``, a float32 JAX scalar otherwise.
     """
-    initial = validate_sparsity(initial, "initial")
-    final = validate_sparsity(final, "final")
+    initial = _checked_sparsity(initial, "initial")
+    final = _checked_sparsity(final, "final")
     validate_steps(start_step, end_step)
     if not exponent > 0:
         raise ValueError(f"exponent must be > 0, got {exponent!r}")
@@ -125,7 +134,7 @@ def cosine_drop_fraction(step: Step, *, initial: float, end_step: int) -> Any:
 
     Returns a Python float for a Python ``step``, a float32 JAX scalar otherwise.
     """
-    initial = validate_sparsity(initial, "initial drop fraction", allow_one=True)
+    initial = _checked_sparsity(initial, "initial drop fraction", allow_one=True)
     if int(end_step) != end_step or end_step <= 0:
         raise ValueError(f"end_step must be a positive integer, got {end_step!r}")
     if _is_python_number(step):

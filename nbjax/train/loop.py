@@ -33,6 +33,7 @@ from nbjax.parallel import mesh as sharding_lib
 from nbjax.pruning import Pruner, make_pruner
 from nbjax.tome import cost as flops_lib
 from nbjax.train import checkpoint as checkpoint_lib
+from nbjax.train import hparams as hparams_lib
 from nbjax.train import metrics_log, preemption
 from nbjax.train import optimizer as optimizer_lib
 from nbjax.train import state as state_lib
@@ -111,14 +112,13 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     reference, :func:`nbjax.bench.variants.unmasked_pruner`, has no masks at all).
     """
     config_lib.validate(config)
-    dataset = _checked_dataset(config, dataset)
+    dataset = checked_dataset(config, dataset)
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
-    _check_batch_sizes(config, mesh.devices.size, len(dataset.train_labels))
+    check_batch_sizes(config, mesh.devices.size, len(dataset.train_labels))
     steps = total_steps(config, len(dataset.train_labels))
     model = model_build.build_model(config, dataset.num_classes)
-    tx = optimizer_lib.make_optimizer(config, steps)
+    tx = optimizer_lib.make_optimizer(config, steps)  # its state's structure only
     pruner = make_pruner(config, steps) if pruner is None else pruner
-    lr_schedule = optimizer_lib.learning_rate_schedule(config, steps)
     # On a CPU mesh the step's gradient (and the burden probe's sums) cross the devices as one
     # flat buffer; elsewhere the compiler partitions them (nbjax.parallel.collectives).
     grad_reduce = collectives.grad_reduce_mode(config, mesh)
@@ -129,26 +129,27 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
 
     def init() -> state_lib.TrainState:
         return state_lib.init_state(model, tx, pruner, dataset.image_shape, config.seed,
-                                burden_init=tracker.init if tracker is not None else None)
+                                    hparams_lib.from_config(config),
+                                    burden_init=tracker.init if tracker is not None else None)
 
     # The state is created by a compiled call straight into its shardings: no host copy, no
     # transfer, and on several processes each one creates only the shards its devices hold.
     shardings = sharding_lib.state_shardings(jax.eval_shape(init), mesh, config.sharding.mode,
                                              config.sharding.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)()
-    step = train.make_train_step(config, model, tx, pruner, dataset.num_classes,
-                                 dataset.mean, dataset.std, tracker=tracker,
-                                 lr_schedule=lr_schedule, grad_reduce=grad_reduce, mesh=mesh)
+    step = train.make_train_step(config, model, pruner, dataset.num_classes, dataset.mean,
+                                 dataset.std, total_steps=steps, tracker=tracker,
+                                 grad_reduce=grad_reduce, mesh=mesh)
     repl = sharding_lib.replicated(mesh)
     train_call = jax.jit(train.make_train_call(step), donate_argnums=0,
                          out_shardings=(shardings, repl))
     return Run(config=config, dataset=dataset, mesh=mesh, state=state,
                state_shardings=shardings, train_call=train_call,
                eval_step=_eval_step(model, dataset, repl), total_steps=steps, pruner=pruner,
-               **_device_data(dataset, mesh))
+               **device_data(dataset, mesh))
 
 
-def _checked_dataset(config: ml_collections.ConfigDict,
+def checked_dataset(config: ml_collections.ConfigDict,
                      dataset: data_lib.Dataset | None) -> data_lib.Dataset:
     """The dataset ``config.data`` names (unless given), checked against ``config.model``."""
     dataset = data_lib.load_dataset(config.data) if dataset is None else dataset
@@ -161,7 +162,7 @@ def _checked_dataset(config: ml_collections.ConfigDict,
     return dataset
 
 
-def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,
+def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,
                        num_train: int) -> None:
     """Batches split evenly over the devices, and a train batch fits in the train set."""
     for key in ("batch_size", "eval_batch_size"):
@@ -184,7 +185,7 @@ def _eval_step(model: Any, dataset: data_lib.Dataset, replicated: Any) -> Any:
                    out_shardings=replicated)
 
 
-def _device_data(dataset: data_lib.Dataset, mesh: Any) -> dict[str, jax.Array]:
+def device_data(dataset: data_lib.Dataset, mesh: Any) -> dict[str, jax.Array]:
     """The dataset replicated on every device; each device gathers its own batch rows from it
     (MNIST and CIFAR-10 fit easily, see docs/scaling.md)."""
     arrays = {"train_images": dataset.train_images, "train_labels": dataset.train_labels,

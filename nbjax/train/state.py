@@ -13,6 +13,7 @@ import optax
 
 from nbjax.pruning import Pruner
 from nbjax.pruning import masks as masks_lib
+from nbjax.train.hparams import Hparams
 
 PyTree = Any
 
@@ -28,12 +29,15 @@ class TrainState:
     pruning: PyTree  # the pruning method's state
     burden: PyTree  # the burden tracker's state (reference values), {} when disabled
     rng: jax.Array  # base key; step t uses fold_in(rng, t), so resuming needs no extra state
+    hparams: Hparams  # the per-member scalar settings (nbjax.train.hparams), float32
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, pruner: Pruner,
-               image_shape: tuple[int, ...], seed: int,
+               image_shape: tuple[int, ...], seed: int | jax.Array, hparams: Hparams,
                burden_init: Callable[[PyTree, PyTree], PyTree] | None = None) -> TrainState:
     """A fresh state: params, masks from the pruner, zeroed pruned weights, optimizer state.
+
+    ``seed`` may be traced (a population initialises its members under ``vmap``).
 
     ``burden_init(dense_params, masks)`` sees the params *before* the pruned weights are
     zeroed (the burden reference of a method that starts sparse is the dense layer).
@@ -48,4 +52,4 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, pruner: Prune
     burden = burden_init(dense_params, masks) if burden_init is not None else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, masks=masks,
                       opt_state=tx.init(params), pruning=pruning_state, burden=burden,
-                      rng=step_rng)
+                      rng=step_rng, hparams=dict(hparams))

@@ -27,6 +27,7 @@ from nbjax.model.vit import MAX_STATS
 from nbjax.parallel import collectives
 from nbjax.pruning import PruneContext, Pruner
 from nbjax.pruning import masks as masks_lib
+from nbjax.train import optimizer as optimizer_lib
 
 # Kept importable from here for the callers that predate the split into state and optimizer.
 from nbjax.train.state import TrainState
@@ -43,17 +44,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
-                    tx: optax.GradientTransformation, pruner: Pruner, num_classes: int,
-                    mean: tuple[float, ...], std: tuple[float, ...], *,
-                    tracker: BurdenTracker | None = None,
-                    lr_schedule: optax.Schedule | None = None,
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, pruner: Pruner,
+                    num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], *,
+                    total_steps: int, tracker: BurdenTracker | None = None,
                     grad_reduce: str = "compiler", mesh: Any = None) -> Callable:
     """One train step ``(state, images_u8, labels, idx[B]) -> (state, metrics)``, not jitted.
 
-    ``tracker``: the burden tracker, updated after the pruning update with the step's
-    :class:`~nbjax.burden.tracker.BurdenInput` (None: no burden metrics). ``lr_schedule``:
-    logged as ``train/learning_rate`` when given. ``grad_reduce``: ``'flat'`` computes the
+    The optimizer (:func:`nbjax.train.optimizer.make_optimizer` for a run of ``total_steps``)
+    and the pruner read the per-member values of ``state.hparams``, so ``jax.vmap`` of this
+    step trains a population (nbjax.population). ``tracker``: the burden tracker, updated
+    after the pruning update with the step's :class:`~nbjax.burden.tracker.BurdenInput`
+    (None: no burden metrics). ``grad_reduce``: ``'flat'`` computes the
     loss and gradient per batch shard of ``mesh`` and adds the shards as one flat buffer;
     ``'compiler'`` writes the step as for one device and the compiler partitions it
     (:func:`nbjax.parallel.collectives.grad_reduce_mode` chooses).
@@ -69,13 +70,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
         images, labels = batch_of(images_u8, labels_all, idx, aug_rng)
         (loss, (logits, stats)), grads = loss_and_grad(state.params, state.masks, images,
                                                        labels)
+        tx = optimizer_lib.make_optimizer(config, total_steps, state.hparams)
         params, opt_state = _optimizer_update(tx, pruner.persistent, state, grads)
         pruned = pruner.update(PruneContext(step=state.step, params=params, masks=state.masks,
                                             opt_state=opt_state, pruning_state=state.pruning,
-                                            grads=grads, rng=prune_rng))
+                                            grads=grads, rng=prune_rng, hparams=state.hparams))
         new_state = state.replace(step=state.step + 1, params=pruned.params, masks=pruned.masks,
                                   opt_state=pruned.opt_state, pruning=pruned.pruning_state)
-        metrics = _train_metrics(loss, logits, labels, grads, lr_schedule, state.step)
+        lr = optimizer_lib.learning_rate_schedule(config, total_steps,
+                                                  state.hparams["learning_rate"])(state.step)
+        metrics = _train_metrics(loss, logits, labels, grads, lr)
         metrics.update(pruned.metrics)
         metrics.update(token_metrics(stats))  # sown only when the model merges tokens
         if tracker is not None:
@@ -138,16 +142,14 @@ def _optimizer_update(tx: optax.GradientTransformation, persistent: bool, state:
 
 
 def _train_metrics(loss: jax.Array, logits: jax.Array, labels: jax.Array, grads: PyTree,
-                   lr_schedule: optax.Schedule | None, step: jax.Array) -> dict[str, jax.Array]:
+                   learning_rate: jax.Array) -> dict[str, jax.Array]:
     """The step's ``train/...`` metrics."""
-    metrics = {
+    return {
         "train/loss": loss,
         "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "train/grad_norm": optax.tree.norm(grads),
+        "train/learning_rate": jnp.asarray(learning_rate, jnp.float32),
     }
-    if lr_schedule is not None:
-        metrics["train/learning_rate"] = lr_schedule(step)
-    return metrics
 
 
 def make_train_call(step: Callable) -> Callable:

@@ -1,0 +1,1 @@
+"""Populations: many runs that share one program, trained as one vmapped, sharded program."""
