@@ -1,4 +1,5 @@
 """The study: its grid, the smoke study end to end with its records store, resume, status,
+populations (grouping, claims, equality with one run per cell, the GPU script's dry run),
 and a report with known statistics built from synthetic records."""
 
 import json
@@ -12,7 +13,8 @@ import sys
 import pytest
 
 from nbjax.config import load_config_file
-from nbjax.study import claims, cli, progress, records, store
+from nbjax.population import members as population_members
+from nbjax.study import claims, cli, estimate, progress, records, store
 from nbjax.study import report as study_report
 from nbjax.study import runner as study
 from nbjax.tome import cost
@@ -207,6 +209,223 @@ def test_progress_eta_from_records_then_from_cells_run_here(tmp_path):
     assert lines == ["study 2/4 cells done | running c | ETA 7 min (3 min/cell over 2 in the "
                      "records)"]
     assert bar.line(None) == "study 3/4 cells done | ETA 1 min (1 min/cell over 1 run here)"
+
+
+# ------------------------------------------------------------------------- populations
+
+POPULATION_GRID = dict(methods=("gmp",), sparsities=(0.5, 0.9), mitigations=("none",),
+                       dense=False)
+
+
+def test_populations_group_by_program_in_grid_order(tmp_path):
+    specs = study.expand(smoke_study())
+    units = study.plan_units(specs, str(tmp_path), str(tmp_path / "cells"), 3)
+    # One program per method × mitigation: sparsity is a per-member value, so the two
+    # sparsities of each pruned arm share a population; dense and dense+tome stay alone.
+    assert [[s.name for s in u] for u in units] == [
+        ["dense_none_seed0"], ["dense_tome_seed0"],
+        ["gmp_s0.5_none_seed0", "gmp_s0.9_none_seed0"],
+        ["gmp_s0.5_tome_seed0", "gmp_s0.9_tome_seed0"],
+        ["static_s0.5_none_seed0", "static_s0.9_none_seed0"],
+        ["static_s0.5_tome_seed0", "static_s0.9_tome_seed0"]]
+    assert study.plan_units(specs, str(tmp_path), str(tmp_path / "cells"), 1) == \
+        [[s] for s in specs]
+
+
+def test_populations_never_mix_programs_and_skip_recorded_cells(tmp_path):
+    specs = study.expand(load_config_file(ROOT / "configs" / "study_mnist.py"))
+    cells, workdir = str(tmp_path / "cells"), str(tmp_path / "work")
+    recorded = specs[5]
+    store.write_record(cells, {"schema": records.SCHEMA_VERSION, "cell": recorded.name})
+    half_trained = specs[7]  # its own checkpoints: it resumes alone
+    os.makedirs(os.path.join(study.run_dir(workdir, half_trained), "checkpoints"))
+    units = study.plan_units(specs, workdir, cells, 4)
+    names = [s.name for u in units for s in u]
+    assert sorted(names) == sorted(s.name for s in specs if s is not recorded)
+    assert [half_trained] in units
+    for unit in units:
+        assert 1 <= len(unit) <= 4
+        keys = {population_members.program_key(s.config) for s in unit}
+        assert len(keys) == 1, [s.name for s in unit]
+        assert len({(s.method, s.arm) for s in unit}) == 1
+    # 15 programs: dense and dense+tome (3 seeds each), and 13 pruned arms (gmp, rigl, set ×
+    # none / tome / both; static, pdwp × none / tome) of 9 cells (3 sparsities × 3 seeds),
+    # in populations of 4, 4 and 1. dense+tome lost its recorded seed, gmp none its
+    # half-trained cell, which runs alone: 26 fours, 13 ones.
+    sizes = [len(u) for u in units]
+    assert {n: sizes.count(n) for n in set(sizes)} == {4: 26, 3: 1, 2: 1, 1: 13}
+
+
+def test_population_size_auto_and_memory_rule():
+    # The largest power of two <= 64 whose members fit: 8 × 100 <= 1000 < 16 × 100.
+    assert estimate.population_size_for(100, 1000) == 8
+    assert estimate.population_size_for(100, 50) == 1
+    assert estimate.population_size_for(1, 10**12) == 64
+    config = smoke_study().base
+    assert estimate.auto_population_size([config], None) == 1  # a CPU backend
+    assert study.population_size(smoke_study(), [], "unused") == 1
+    with pytest.raises(ValueError, match="population_size"):
+        study.population_size(smoke_study(), [], "unused", requested=-1)
+    # Activations: batch × depth × tokens × (4 × hidden + mlp + heads × tokens) floats,
+    # × 4 bytes × 2; smoke: 17 tokens, hidden 16, mlp 32, 2 heads, depth 2.
+    from nbjax.data import pipeline as data_lib
+
+    dataset = data_lib.load_dataset(config.data)
+    wide = config.copy_and_resolve_references()
+    wide.train.batch_size = 64
+    assert estimate.member_bytes(wide, dataset) - estimate.member_bytes(config, dataset) == \
+        32 * 2 * 17 * (4 * 16 + 32 + 2 * 17) * 4 * 2
+
+
+def _close(single, member, path=""):
+    """Every number of ``member`` within 2e-5 relative of ``single`` (float32 rounding
+    amplified by Adam: about 3e-7 measured, and trajectories keep six digits); sparsities,
+    steps and every non-float value equal."""
+    if isinstance(single, dict):
+        assert set(single) == set(member), path
+        for key in single:
+            _close(single[key], member[key], f"{path}/{key}")
+    elif isinstance(single, list):
+        assert len(single) == len(member), path
+        for i, (a, b) in enumerate(zip(single, member, strict=True)):
+            _close(a, b, f"{path}[{i}]")
+    elif isinstance(single, float) and "sparsity" not in path:
+        assert member == pytest.approx(single, rel=2e-5, abs=1e-9), path
+    else:
+        assert member == single, path
+
+
+def test_population_study_equals_one_run_per_cell(finished_study, tmp_path, monkeypatch):
+    _, single_store, _ = finished_study
+    config = smoke_study()
+    config.grid.update(POPULATION_GRID)
+    workdir, cells = str(tmp_path / "work"), str(tmp_path / "cells")
+    status = study.run_study(config, workdir, records=cells, log=lambda *_: None,
+                             population_size_override=2)
+    names = ["gmp_s0.5_none_seed0", "gmp_s0.9_none_seed0"]
+    assert status == {n: "ran in a population" for n in names}
+    specs = study.expand(config)
+    assert os.listdir(os.path.join(workdir, "populations")) == [
+        os.path.basename(study.population_dir(workdir, specs))]
+    walls = []
+    for name in names:
+        with open(store.record_path(single_store, name)) as f:
+            single = json.load(f)
+        with open(store.record_path(cells, name)) as f:
+            member = json.load(f)
+        assert member["population_size"] == 2 and "population_size" not in single
+        assert member["config"] == single["config"]
+        # Test accuracy: at most one of the 200 test images classified otherwise.
+        assert abs(member["final"].pop("test/accuracy")
+                   - single["final"].pop("test/accuracy")) <= 1 / 200
+        for key in ("final", "end_of_pruning", "end_of_training", "trajectories"):
+            _close(single[key], member[key], key)
+        walls.append(member["wall_time_s"])
+    assert walls[0] == walls[1] > 0  # the population's wall time, shared out evenly
+    from nbjax.population import loop as population_loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("a recorded population trained again")
+
+    monkeypatch.setattr(population_loop, "train_population", never)
+    again = study.run_study(config, workdir, records=cells, log=lambda *_: None,
+                            population_size_override=2)
+    assert again == {n: "skipped (recorded)" for n in names}
+
+
+def _fake_training(finished_workdir, calls):
+    """A stand-in for train_population that copies the smoke study's finished run of the
+    same sparsity into each member's directory (no training: the claims are under test)."""
+    def train_population(configs, workdirs, directory, dataset=None, mesh=None):
+        calls.append(([os.path.basename(w) for w in workdirs], os.path.basename(directory)))
+        for config, workdir in zip(configs, workdirs, strict=True):
+            source = os.path.join(finished_workdir, "runs",
+                                  f"gmp_s{config.pruning.sparsity:g}_none_seed0")
+            for name in ("config.json", "metrics.jsonl", "final_metrics.json"):
+                shutil.copy(os.path.join(source, name), workdir)
+        return []
+    return train_population
+
+
+def test_population_claims_leave_other_processes_cells(finished_study, tmp_path,
+                                                      monkeypatch):
+    from nbjax.population import loop as population_loop
+
+    calls = []
+    monkeypatch.setattr(population_loop, "train_population",
+                        _fake_training(finished_study[0], calls))
+    config = smoke_study()
+    config.grid.update(POPULATION_GRID, seeds=(0, 1, 2))
+    workdir, cells = str(tmp_path / "work"), str(tmp_path / "cells")
+    specs = study.expand(config)
+    names = [s.name for s in specs]  # s0.5 seeds 0-2, then s0.9 seeds 0-2: populations 4, 2
+    other = {"host": "another-host", "pid": 1}
+    held = [study.run_dir(workdir, specs[1]), study.population_dir(workdir, specs[4:])]
+    for path in held:
+        os.makedirs(path)
+        with open(os.path.join(path, claims.CLAIM), "w") as f:
+            json.dump(other, f)
+    status = study.run_study(config, workdir, records=cells, log=lambda *_: None,
+                             population_size_override=4)
+    trained = [names[0], names[2], names[3]]
+    assert calls == [(trained, os.path.basename(study.population_dir(workdir, [
+        specs[0], specs[2], specs[3]])))]
+    assert status == {n: "ran in a population" if n in trained else
+                      "skipped (claimed by another process)" for n in names}
+    for name in trained:
+        with open(store.record_path(cells, name)) as f:
+            assert json.load(f)["population_size"] == 3
+    assert not any(os.path.exists(os.path.join(study.run_dir(workdir, s), claims.CLAIM))
+                   for s in specs if study.run_dir(workdir, s) not in held)
+    for path in held:  # the other processes are gone: a second pass runs the rest
+        claims.release(path)
+    status = study.run_study(config, workdir, records=cells, log=lambda *_: None,
+                             population_size_override=4)
+    assert calls[1][0] == [names[1], names[4], names[5]]
+    assert [status[n] for n in trained] == ["skipped (recorded)"] * 3
+    assert len(store.load_records(cells)) == 6
+
+
+def _device_study(*args):
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "device_study.sh"), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def _estimate_minutes(out):
+    return float(re.search(r"to do in 9 populations .*?\((\d+) min;", out).group(1))
+
+
+def test_device_study_dry_run_prints_populations_and_fits(tmp_path):
+    out = tmp_path / "out"
+    proc = _device_study(str(out), "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert "study cifar10_gpu_e3: --config.base.train.num_epochs=3" in text
+    heads = re.findall(r"^population (\d+)/9: (\d+) members", text, re.M)
+    # dense: 3 seeds; each other program (gmp, rigl, set × none / both; static, pdwp × none):
+    # 3 sparsities × 3 seeds.
+    assert [int(n) for _, n in heads] == [3] + [9] * 8
+    member_lines = re.findall(r"^  (\S+) +todo$", text, re.M)
+    assert len(member_lines) == len(set(member_lines)) == 75
+    assert "rigl_s0.98_both_seed2" in member_lines and "pdwp_s0.5_both_seed0" not in text
+    assert "75 cells, 75 to do in 9 populations (at most 16 members)" in text
+    assert "single-run estimate" in text and "docs/performance.md" in text
+    assert _estimate_minutes(text) <= 10  # the default fits about 10 min of one H200
+    assert not out.exists()  # a dry run writes nothing
+    full = _device_study(str(out), "--full", "--dry-run")
+    assert full.returncode == 0 and "study cifar10_gpu: the full grid, 100 epochs" in full.stdout
+    assert _estimate_minutes(full.stdout) > 60  # why the default is reduced
+
+
+def test_device_study_help_and_shellcheck():
+    proc = _device_study("--help")
+    assert proc.returncode == 0 and "REDUCED grid" in proc.stdout and "--full" in proc.stdout
+    assert _device_study().returncode == 2  # no OUTDIR
+    if shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", str(ROOT / "scripts" / "device_study.sh")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
 
 
 # ------------------------------------------------------- a report from synthetic records

@@ -2,6 +2,7 @@
 
     python -m nbjax.study --config configs/study_mnist.py --workdir DIR [--records STORE]
     python -m nbjax.study --config configs/study_mnist.py --workdir DIR --dry-run
+    python -m nbjax.study --config configs/study_cifar10.py --workdir DIR --population_size 8
     python -m nbjax.study --status --config configs/study_mnist.py [--records STORE]
     python -m nbjax.study --status STORE_OR_STUDY_DIR [--workdir DIR]
 """
@@ -17,7 +18,7 @@ from ml_collections import config_flags
 from nbjax import errors
 
 FLAGS = flags.FLAGS
-_NAMES = ("config", "workdir", "dry_run", "status", "records")
+_NAMES = ("config", "workdir", "dry_run", "status", "records", "population_size")
 
 
 def define_flags() -> None:
@@ -28,6 +29,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("dry_run", False, "List the cells and estimated times only.")
     flags.DEFINE_bool("status", False, "Print the done / running / missing cells.")
     flags.DEFINE_string("records", None, "Records store (overrides records_dir).")
+    flags.DEFINE_integer("population_size", None,
+                         "Cells of one program trained together, at most this many (overrides "
+                         "the config's population_size; 1: every cell alone; 0: auto, 1 on a "
+                         "CPU, what fits the accelerator's memory up to 64).")
     for name in _NAMES:
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
@@ -62,7 +67,8 @@ def _run(args: list[str]) -> None:
     from nbjax.parallel import runtime
 
     runtime.enable_compilation_cache()
-    status = runner.run_study(study, workdir, records=records, dry_run=FLAGS.dry_run)
+    status = runner.run_study(study, workdir, records=records, dry_run=FLAGS.dry_run,
+                              population_size_override=FLAGS.population_size)
     if not FLAGS.dry_run:
         counts: dict[str, int] = {}
         for s in status.values():

@@ -2,10 +2,10 @@
 token-merging variants (sensitivity settings and equal-compute training).
 
 A study config has ``name``, ``records_dir`` (empty: ``docs/results/<name>/cells``), ``base``
-(a full run config) and ``grid`` (what varies, :func:`grid_config`). :func:`expand` turns it
-into :class:`RunSpec` cells in run order: dense cells first, then each method in the grid's
-order, its sparsities, its mitigations and variants, and the seeds innermost, so the seeds
-of one cell run one after another.
+(a full run config), ``grid`` (what varies, :func:`grid_config`) and ``population_size``.
+:func:`expand` turns it into :class:`RunSpec` cells in run order: dense cells first, then
+each method in the grid's order, its sparsities, its mitigations and variants, and the seeds
+innermost, so the seeds of one cell run one after another.
 """
 
 from __future__ import annotations
@@ -70,10 +70,15 @@ def grid_config(methods=("gmp", "set", "rigl", "static", "pdwp"),
 
 
 def study_config(name: str, base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
-                 records_dir: str = "") -> ml_collections.ConfigDict:
-    """A whole study config: its name, records directory, base run config and grid."""
+                 records_dir: str = "", population_size: int = 0) -> ml_collections.ConfigDict:
+    """A whole study config: its name, records directory, base run config and grid.
+
+    ``population_size``: cells of one program train together as populations of at most this
+    many members; 0 chooses by the backend (``nbjax.study.estimate.auto_population_size``).
+    """
     study = ml_collections.ConfigDict()
     study.name, study.records_dir, study.base, study.grid = name, records_dir, base, grid
+    study.population_size = int(population_size)
     return study
 
 
