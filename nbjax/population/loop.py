@@ -82,14 +82,14 @@ def train_population(configs: Sequence[ml_collections.ConfigDict],
         for workdir in workdirs:
             stack.enter_context(workdir_lib.hold(workdir))
         changes = [workdir_lib.check_resume(w, c) for c, w in zip(configs, workdirs, strict=True)]
-        finals = [loop_lib._final_metrics(w) for w in workdirs]
+        finals = [loop_lib.final_metrics(w) for w in workdirs]
         if all(final is not None for final in finals):
             return finals
         population = build_lib.build(configs, dataset, mesh)
         ckpt = checkpoint_lib.Checkpointer(directory / "checkpoints",
                                            keep=configs[0].train.keep_checkpoints)
         stack.callback(ckpt.close)
-        state, start = loop_lib._restore(population, ckpt)
+        state, start = loop_lib.restore(population, ckpt)
         if jax.process_index() == 0:
             metrics_log.write_atomic(directory / POPULATION_FILE, json.dumps(record, indent=2))
         members = _start_members(population, workdirs, start, changes, stack)
@@ -242,7 +242,7 @@ class _Progress:
         rate = (step - self.last_step) * train_cfg.batch_size / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
         tests = (evaluate(self.population, state)
-                 if loop_lib._crossed(before, step, train_cfg.eval_every) else None)
+                 if loop_lib.crossed(before, step, train_cfg.eval_every) else None)
         for i, (member, record) in enumerate(zip(self.members, records, strict=True)):
             record["train/images_per_sec"] = rate
             if tests is not None:
@@ -284,18 +284,18 @@ def _train_steps(population: build_lib.Population, ckpt: checkpoint_lib.Checkpoi
                 progress.pending.add(step, metrics)
                 before, step = step, step + num_steps
                 progress.bar.update(num_steps)
-                if loop_lib._crossed(before, step, train_cfg.log_every) or step == total:
+                if loop_lib.crossed(before, step, train_cfg.log_every) or step == total:
                     progress.log_step(state, before, step)
                 if stop.requested():
-                    loop_lib._save_and_stop(ckpt, progress, state, step, stop.signum)
-                if loop_lib._crossed(before, step, train_cfg.checkpoint_every) and step < total:
+                    loop_lib.save_and_stop(ckpt, progress, state, step, stop.signum)
+                if loop_lib.crossed(before, step, train_cfg.checkpoint_every) and step < total:
                     progress.pending.fetch()  # never checkpoint past a non-finite step
                     ckpt.save(step, state)
         except KeyboardInterrupt as interrupt:  # raised by code inside the loop itself
             if isinstance(interrupt, errors.Stopped) or stop.forced or \
-                    not loop_lib._intact(state):
+                    not loop_lib.intact(state):
                 raise
-            loop_lib._save_and_stop(ckpt, progress, state, step, signal.SIGINT)
+            loop_lib.save_and_stop(ckpt, progress, state, step, signal.SIGINT)
         finally:
             progress.bar.close()
     return state, step

@@ -81,7 +81,7 @@ class BatchOrder:
         return np.stack(rows)
 
 
-def _crossed(before: int, after: int, every: int) -> bool:
+def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
@@ -241,14 +241,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir = epath.Path(workdir)
     with workdir_lib.hold(workdir):
         changes = workdir_lib.check_resume(workdir, config, allow_config_change)
-        final = _final_metrics(workdir)
+        final = final_metrics(workdir)
         if final is not None and all(workdir_lib.is_safe(key) for key in changes):
             return final
         run = build(config, dataset)
         ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints",
                                            keep=config.train.keep_checkpoints)
         try:
-            state, start = _restore(run, ckpt)
+            state, start = restore(run, ckpt)
             if final is not None and start == run.total_steps:
                 return final
             _set_final_aside(workdir, final)
@@ -269,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             ckpt.close()
 
 
-def _final_metrics(workdir: epath.Path) -> dict[str, Any] | None:
+def final_metrics(workdir: epath.Path) -> dict[str, Any] | None:
     path = workdir / FINAL_METRICS
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -282,7 +282,7 @@ def _set_final_aside(workdir: epath.Path, final: dict[str, Any] | None) -> None:
         (workdir / FINAL_METRICS).rename(workdir / f"final_metrics.step{steps}.json")
 
 
-def _restore(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[state_lib.TrainState, int]:
+def restore(run: Run, ckpt: checkpoint_lib.Checkpointer) -> tuple[state_lib.TrainState, int]:
     """The newest good checkpoint's state and step, or the fresh state at step 0."""
     def warn(line: str) -> None:
         if jax.process_index() == 0:
@@ -312,7 +312,7 @@ class _Progress:
         record["train/images_per_sec"] = ((step - self.last_step) * self.run.config.train.
                                           batch_size / max(now - self.last_time, 1e-9))
         self.last_step, self.last_time = step, now
-        if _crossed(before, step, self.run.config.train.eval_every):
+        if crossed(before, step, self.run.config.train.eval_every):
             record.update(evaluate(self.run, state))
         self.log.write(step, record)
         self.board.log(step, record, state)  # on every process: may gather FSDP shards
@@ -339,29 +339,29 @@ def _train_steps(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.T
                 progress.pending.add(step, metrics)
                 before, step = step, step + num_steps
                 progress.bar.update(num_steps)
-                if _crossed(before, step, train_cfg.log_every) or step == run.total_steps:
+                if crossed(before, step, train_cfg.log_every) or step == run.total_steps:
                     progress.log_step(state, before, step)
                 if stop.requested():
-                    _save_and_stop(ckpt, progress, state, step, stop.signum)
-                if _crossed(before, step, train_cfg.checkpoint_every) and step < run.total_steps:
+                    save_and_stop(ckpt, progress, state, step, stop.signum)
+                if crossed(before, step, train_cfg.checkpoint_every) and step < run.total_steps:
                     progress.pending.fetch()  # never checkpoint past a non-finite step
                     ckpt.save(step, state)
         except KeyboardInterrupt as interrupt:  # raised by code inside the loop itself
-            if isinstance(interrupt, errors.Stopped) or stop.forced or not _intact(state):
+            if isinstance(interrupt, errors.Stopped) or stop.forced or not intact(state):
                 raise
-            _save_and_stop(ckpt, progress, state, step, signal.SIGINT)
+            save_and_stop(ckpt, progress, state, step, signal.SIGINT)
         finally:
             progress.bar.close()
     return state, step
 
 
-def _intact(state: state_lib.TrainState) -> bool:
+def intact(state: state_lib.TrainState) -> bool:
     """Whether ``state`` can still be saved (a call interrupted mid-way has donated it)."""
     return jax.process_count() == 1 and not any(
         leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
 
 
-def _save_and_stop(ckpt: checkpoint_lib.Checkpointer, progress: _Progress,
+def save_and_stop(ckpt: checkpoint_lib.Checkpointer, progress: _Progress,
                    state: state_lib.TrainState, step: int, signum: int | None) -> None:
     """Checks the pending steps, saves ``state`` at ``step`` and raises Stopped."""
     progress.pending.fetch()
