@@ -5,6 +5,7 @@ That k steps in one compiled call (``lax.scan``) equal k single steps is checked
 """
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from helpers import smoke_config, smoke_dataset
 
 from nbjax.bench import measure
+from nbjax.bench import population as bench_population
 from nbjax.bench import report as bench_report
 from nbjax.bench import runner as bench
 from nbjax.bench import torch_ref as bench_torch
@@ -262,3 +264,86 @@ def test_bf16_compute_trains_smoke_config_with_fp32_state():
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert leaf.dtype == jnp.float32, leaf.dtype
+
+
+def test_population_command_reports_consistent_figures(tmp_path):
+    out = tmp_path / "population.json"
+    env = dict(os.environ)
+    env["NBJAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
+    cmd = [sys.executable, "-m", "nbjax.bench", "--config", str(ROOT / "configs" / "smoke.py"),
+           "--population", "2,1", "--steps", "8", "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert bench_report.format_table(result) in proc.stdout
+    # Without --variants, the member variant's single run is the only variant.
+    assert list(result["variants"]) == ["gmp+burden"]
+    population = result["population"]
+    assert population["variant"] == "gmp+burden" and population["sizes"] == [1, 2]
+    assert list(population["rows"]) == ["1", "2"]
+    devices = jax.device_count()
+    forward = cost.compiled_forward_flops(model_build.build_model(smoke_config(), 4), (8, 8, 1))
+    for n, r in ((int(n), r) for n, r in population["rows"].items()):
+        assert r["name"] == f"gmp+burden x{n}" and r["members"] == n
+        assert r["member_batch"] == 32 and r["num_calls"] == 2  # 8 steps of 4 per call
+        members_axis = math.gcd(n, devices)
+        assert r["mesh_shape"] == {"member": members_axis, "data": devices // members_axis}
+        # aggregate img/s: N members x batch 32 x 4 steps over the median call's seconds
+        assert r["img_s"] == pytest.approx(n * 32 * 4 / (4 * r["step_s"]))
+        assert r["per_member_step_s"] == pytest.approx(r["step_s"] / n)
+        assert r["single_img_s"] == pytest.approx(32 / r["single_step_s"])
+        assert r["sequence_step_s"] == pytest.approx(n * r["single_step_s"])
+        assert r["population_vs_sequence"] == pytest.approx(r["step_s"] / r["sequence_step_s"])
+        assert r["img_s_vs_single"] == pytest.approx(1 / r["population_vs_sequence"])
+        assert r["model_flops_per_step"] == pytest.approx(n * 3 * forward * 32)
+        assert r["model_flops_per_s"] == pytest.approx(r["model_flops_per_step"] / r["step_s"])
+        assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+        assert r["memory"]["temp_bytes"] > 0 and r["memory"]["device_peak_bytes"] is None
+    two, one = population["rows"]["2"], population["rows"]["1"]
+    assert two["memory"]["argument_bytes"] > one["memory"]["argument_bytes"]  # 2 states
+    assert "gmp+burden x2" in proc.stdout and "pop/seq" in proc.stdout
+
+
+def test_population_row_and_targets_by_hand():
+    pop = {"name": "gmp+burden+bf16 x4", "members": 4, "step_s": 0.08, "img_s": 4 * 128 / 0.08,
+           "memory": {"temp_bytes": 1}, "mfu": None}
+    single = {"step_s": 0.025, "img_s": 128 / 0.025}
+    row = bench_population.population_row(pop, single, peak=2**20)
+    assert row["per_member_step_s"] == pytest.approx(0.02)
+    assert row["sequence_step_s"] == pytest.approx(0.1)  # 4 runs of 25 ms one after another
+    assert row["population_vs_sequence"] == pytest.approx(0.8)
+    assert row["img_s_vs_single"] == pytest.approx(6400 / 5120)
+    assert row["memory"] == {"temp_bytes": 1, "device_peak_bytes": 2**20}
+    assert pop["memory"] == {"temp_bytes": 1}  # the summary is left as it was
+    rows = {"32": {"name": "v x32", "img_s_vs_single": 9.5, "mfu": 0.12},
+            "64": {"name": "v x64", "img_s_vs_single": 14.0, "mfu": 0.16}}
+    lines = bench_report.population_target_lines({"variant": "gmp+burden+bf16", "rows": rows})
+    assert lines == ["target: v x32 aggregate img/s = 9.50 x the single run (>= 10: NOT met)",
+                     "target: best MFU 16.0 % at v x64 (>= 15 %: met)"]
+    # The MFU target is a bf16 one; without N = 32 there is no img/s target.
+    assert bench_report.population_target_lines(
+        {"variant": "gmp+burden", "rows": {"64": rows["64"]}}) == []
+
+
+def test_population_flag_rejects_bad_sizes():
+    from nbjax import errors
+    from nbjax.bench import cli
+
+    assert cli.population_sizes(["1", "2", "8"]) == [1, 2, 8]
+    for bad in (["0"], ["two"], ["4", "-1"]):
+        with pytest.raises(errors.UserError):
+            cli.population_sizes(bad)
+    with pytest.raises(ValueError):
+        bench.run_bench(smoke_config(), ["dense"], population=[2],
+                        population_variant="plain_jax")
+
+
+def test_population_members_differ_only_in_the_seed():
+    members = bench_population.member_configs(smoke_config(), bench_variants.Variant.parse(
+        "rigl+burden"), 3)
+    assert [m.seed for m in members] == [0, 1, 2]
+    assert all(m.pruning.method == "rigl" and m.burden.enabled for m in members)
+    flat = [m.to_dict() for m in members]
+    for m in flat:
+        m.pop("seed")
+    assert flat[0] == flat[1] == flat[2]

@@ -29,12 +29,27 @@ def main(argv: list[str]) -> None:
     except ValueError as err:
         raise errors.UserError(str(err)) from err
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-    out = run_bench(config, f.variants, f.steps, f.warmup, f.torch, f.real_data, f.devices,
+    sizes = population_sizes(f.population)
+    # With --population alone, the single run of the member variant is the only variant.
+    variants = [f.population_variant] if sizes and not f["variants"].present else f.variants
+    out = run_bench(config, variants, f.steps, f.warmup, f.torch, f.real_data, f.devices,
                     torch_threads=f.torch_threads,
-                    config_path=f["config"].config_filename, overrides=overrides)
+                    config_path=f["config"].config_filename, overrides=overrides,
+                    population=sizes, population_variant=f.population_variant)
     if f.json:
         bench_report.write_json(out, f.json)
         print(f"wrote {f.json}")
+
+
+def population_sizes(values: list[str]) -> list[int]:
+    """``--population 1,2,4`` -> [1, 2, 4]; UserError on anything but positive integers."""
+    try:
+        sizes = [int(v) for v in values]
+    except ValueError as err:
+        raise errors.UserError(f"--population {','.join(values)}: {err}") from err
+    if any(n < 1 for n in sizes):
+        raise errors.UserError(f"--population {','.join(values)}: sizes must be >= 1")
+    return sizes
 
 
 def define_flags() -> None:
@@ -52,8 +67,14 @@ def define_flags() -> None:
                          "default, one per core).")
     flags.DEFINE_bool("real_data", False, "Use the config's dataset, not synthetic data.")
     flags.DEFINE_integer("devices", 0, "Use only the first N devices (0 = all).")
+    flags.DEFINE_list("population", [], "Population sizes N, comma-separated (e.g. 1,2,4,8): "
+                      "each N members of --population_variant trained as one vmapped program, "
+                      "timed beside that variant's single run.")
+    flags.DEFINE_string("population_variant", "gmp+burden", "The members' variant (default: "
+                        "nbjax's full step); with --population and no --variants, the only "
+                        "variant timed on its own.")
     for name in ("config", "variants", "steps", "warmup", "json", "torch", "torch_threads",
-                 "real_data", "devices"):
+                 "real_data", "devices", "population", "population_variant"):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 

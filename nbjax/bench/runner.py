@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from nbjax.bench import measure, plain_step, torch_ref, train_variant
+from nbjax.bench import population as bench_population
 from nbjax.bench import report as bench_report
 from nbjax.bench.timing import Timed, time_interleaved
 from nbjax.bench.variants import DEFAULT_VARIANTS, Variant
@@ -48,38 +49,42 @@ def bench_dataset(config: Any, real_data: bool = False) -> Any:
 def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: int = 200,
               warmup: int = 2, torch: bool = False, real_data: bool = False,
               devices: int = 0, torch_threads: int = 0, print_fn: Callable[[str], Any] = print,
-              config_path: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+              config_path: str | None = None, overrides: Sequence[str] = (),
+              population: Sequence[int] = (), population_variant: str = "gmp+burden"
+              ) -> dict[str, Any]:
     """Builds, compiles and times ``variants`` of ``config``; prints the table and returns
     the JSON-able results.
 
     ``steps``: timed steps per variant (rounded up to whole calls); ``warmup``: untimed calls
     after compiling; ``devices``: use the first N devices (0 = all); ``torch``: also time
-    the PyTorch reference when torch is importable.
+    the PyTorch reference when torch is importable. ``population``: sizes N of populations
+    of ``population_variant``, each timed beside that variant's single run
+    (:mod:`nbjax.bench.population`).
     """
-    parsed = [Variant.parse(v) for v in variants]
-    if len({v.name for v in parsed}) != len(parsed):
-        raise ValueError(f"duplicate variants in {list(variants)}")
+    parsed, member = _parse_variants(variants, population, population_variant)
     load_start = os.getloadavg()
     dataset = bench_dataset(config, real_data)
-    all_devices = jax.devices()
-    mesh = sharding_lib.make_mesh(all_devices[:devices] if devices > 0 else all_devices)
-    timed = _prepare(parsed, config, dataset, mesh, warmup, print_fn)
-    torch_result = None
-    if torch:
-        if torch_ref.available():
-            timed.append(torch_ref.prepare(config, dataset, torch_threads))
-        else:
-            torch_result = {"error": "torch is not importable (pip install torch)"}
-            print_fn("--torch: torch is not importable; skipped (pip install torch)")
+    chosen = jax.devices()[:devices] if devices > 0 else jax.devices()
+    mesh = sharding_lib.make_mesh(chosen)
+    cache, model_flops = measure.CacheHits(), measure.ModelFlops()
+    timed = _prepare(parsed, config, dataset, mesh, warmup, print_fn, cache, model_flops)
+    torch_result = _add_torch(timed, config, dataset, torch_threads, print_fn) if torch else None
     k = int(config.train.steps_per_call)
     num_calls = max(1, -(-steps // k))
     loads = time_interleaved(timed, warmup, num_calls)
     results = {item.name: item.summary() for item in timed}
     torch_result = results.pop(torch_ref.NAME, torch_result)
-    peak = measure.device_peak_memory(list(mesh.devices.flat))
+    peak = measure.device_peak_memory(chosen)
     for r in results.values():
         if r["memory"] is not None:
             r["memory"]["device_peak_bytes"] = peak
+    population_out = None
+    if population:  # after the variants' figures, which it leaves as they are
+        single = next(item for item in timed if item.name == member.name)
+        population_out, population_loads = bench_population.run_sizes(
+            single, member, config, dataset, population, chosen, warmup, num_calls, cache,
+            model_flops, print_fn)
+        loads += population_loads
     out = {"config": config_path, "overrides": list(overrides), **_machine(config, mesh),
            "batch_size": int(config.train.batch_size), "steps_per_call": k,
            "steps": num_calls * k,
@@ -88,15 +93,43 @@ def run_bench(config: Any, variants: Sequence[str] = DEFAULT_VARIANTS, steps: in
            "compilation_cache": jax.config.jax_compilation_cache_dir or None,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "model_dtype": config.model.dtype,
            "variants": results, "ratios": bench_report.ratios(results, torch_result),
-           "torch": torch_result}
+           "torch": torch_result, "population": population_out}
     print_fn(bench_report.format_table(out))
     return out
 
 
+def _add_torch(timed: list[Timed], config: Any, dataset: Any, torch_threads: int,
+               print_fn: Callable[[str], Any]) -> dict[str, Any] | None:
+    """Appends the PyTorch reference to ``timed`` if torch is importable, else returns the
+    error that stands for its result."""
+    if torch_ref.available():
+        timed.append(torch_ref.prepare(config, dataset, torch_threads))
+        return None
+    print_fn("--torch: torch is not importable; skipped (pip install torch)")
+    return {"error": "torch is not importable (pip install torch)"}
+
+
+def _parse_variants(variants: Sequence[str], population: Sequence[int],
+                    population_variant: str) -> tuple[list[Variant], Variant]:
+    """The variants to time, with the population's member variant among them when
+    ``population`` names sizes, and that member variant."""
+    parsed = [Variant.parse(v) for v in variants]
+    if len({v.name for v in parsed}) != len(parsed):
+        raise ValueError(f"duplicate variants in {list(variants)}")
+    member = Variant.parse(population_variant)
+    if population:
+        if member.plain or min(population) < 1:
+            raise ValueError(f"a population needs sizes >= 1 of an nbjax variant, not "
+                             f"{list(population)} of {member.name!r}")
+        if member.name not in {v.name for v in parsed}:
+            parsed.append(member)
+    return parsed, member
+
+
 def _prepare(variants: Sequence[Variant], config: Any, dataset: Any, mesh: Any, warmup: int,
-             print_fn: Callable[[str], Any]) -> list[Timed]:
+             print_fn: Callable[[str], Any], cache: measure.CacheHits,
+             model_flops: measure.ModelFlops) -> list[Timed]:
     """Builds and compiles every variant, printing each one's compile time."""
-    cache, model_flops = measure.CacheHits(), measure.ModelFlops()
     timed = []
     for v in variants:
         if v.plain:
@@ -104,10 +137,7 @@ def _prepare(variants: Sequence[Variant], config: Any, dataset: Any, mesh: Any, 
                                       model_flops)
         else:
             item = train_variant.prepare(v, config, dataset, mesh, warmup, cache, model_flops)
-        info = item.info
-        print_fn(f"compiled {v.name:<22} in {info['compile_s']:6.2f} s "
-                 f"(trace+lower {info['lower_s']:.2f} s, XLA {info['xla_compile_s']:.2f} s"
-                 f"{', persistent cache hit' if info['cache_hit'] else ''})")
+        print_fn(bench_report.compile_line(item.info))
         timed.append(item)
     return timed
 

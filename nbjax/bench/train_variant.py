@@ -35,27 +35,45 @@ def prepare(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup: int,
     blocks = [loop.train_indices(run, order, i * k, k) for i in range(NUM_INDEX_BLOCKS)]
     compiled, compile_info = measure.compile_timed(
         run.train_call, (run.state, run.train_images, run.train_labels, blocks[0]), cache)
-    n = mesh.devices.size
-    # XLA counts one device's program and the scan's body once: per step, times the devices.
-    flops = cost.cost_analysis(compiled).get("flops")
     model = model_build.build_model(config, dataset.num_classes)
-    info = {"name": variant.name, **compile_info,
-            "flops_per_step": flops * n / measure.scan_flops_factor() if flops else None,
-            "model_flops_per_step": model_flops.per_step(model, dataset.image_shape, batch),
-            "memory": measure.memory_bytes(compiled), "num_devices": n}
-    first = run.pruner.first_update
-    # The warm-up calls and two timed plain calls come before the first update.
-    start = 0 if first is None else max(0, first - (warmup + 2) * k)
-    state = run.state.replace(
-        step=jax.device_put(np.asarray(start, np.int32), sharding_lib.replicated(mesh)))
-    caller = _TrainCaller(compiled, state, run.train_images, run.train_labels, blocks)
+    info = call_info(variant.name, compiled, compile_info, mesh,
+                     model_flops.per_step(model, dataset.image_shape, batch))
+    state = start_state(run.state, run.pruner, warmup, k, mesh)
+    caller = TrainCaller(compiled, state, run.train_images, run.train_labels, blocks)
     return Timed(variant.name, caller, k, batch, info,
                  peak_flops=measure.peak_flops(mesh.devices.flat[0].device_kind,
                                                config.model.dtype),
-                 update_every=run.pruner.update_every if first is not None else None)
+                 update_every=update_interval(run.pruner))
 
 
-class _TrainCaller:
+def call_info(name: str, compiled: Any, compile_info: dict[str, Any], mesh: Any,
+              model_flops_per_step: float | None) -> dict[str, Any]:
+    """What is known of a compiled train call before timing it: compile time, FLOPs per
+    step (XLA's count and the model's) and the program's memory."""
+    n = mesh.devices.size
+    # XLA counts one device's program and the scan's body once: per step, times the devices.
+    flops = cost.cost_analysis(compiled).get("flops")
+    return {"name": name, **compile_info,
+            "flops_per_step": flops * n / measure.scan_flops_factor() if flops else None,
+            "model_flops_per_step": model_flops_per_step,
+            "memory": measure.memory_bytes(compiled), "num_devices": n}
+
+
+def start_state(state: Any, pruner: Any, warmup: int, steps_per_call: int, mesh: Any) -> Any:
+    """``state`` moved to the step from which the warm-up calls and two timed plain calls
+    come just before the method's first mask update (step 0 without updates)."""
+    first = pruner.first_update
+    start = 0 if first is None else max(0, first - (warmup + 2) * steps_per_call)
+    return state.replace(
+        step=jax.device_put(np.asarray(start, np.int32), sharding_lib.replicated(mesh)))
+
+
+def update_interval(pruner: Any) -> int | None:
+    """The mask-update interval ΔT of a method that updates masks, else None."""
+    return pruner.update_every if pruner.first_update is not None else None
+
+
+class TrainCaller:
     """Calls the compiled train call on the index blocks in turn, carrying the state; each
     call returns its seconds and whether it updated the masks."""
 
