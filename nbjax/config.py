@@ -139,7 +139,8 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+def get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value of a dotted key ('train.learning_rate') of ``config``."""
     node = config
     for part in dotted.split("."):
         node = node[part]
@@ -199,14 +200,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`~nbjax.errors.ConfigError` (a ValueError) naming the key and the allowed
     values of the first invalid field."""
     for key, allowed in CHOICES.items():
-        value = _get(config, key)
+        value = get(config, key)
         if value not in allowed:
             raise ConfigError(f"config.{key}={value!r} is not valid; allowed: {list(allowed)}",
                               f"pick one with --config.{key}=...")
 
     def check(ok: bool, key: str, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"config.{key}={_get(config, key)!r} is not valid: {rule}",
+            raise ConfigError(f"config.{key}={get(config, key)!r} is not valid: {rule}",
                               f"change it in the config file or with --config.{key}=...")
 
     _check_model_and_train(config, check)
@@ -225,7 +226,7 @@ def _check_model_and_train(config: ml_collections.ConfigDict, check: _Check) -> 
                 "train.steps_per_call", "train.log_every", "train.eval_batch_size",
                 "train.checkpoint_every", "pruning.update_every",
                 "pruning.persistent_update_every", "burden.every"):
-        check(_get(config, key) > 0, key, "must be > 0")
+        check(get(config, key) > 0, key, "must be > 0")
     check(t.num_steps > 0 or t.num_epochs > 0, "train.num_epochs",
           "must be > 0 (or set train.num_steps)")
     check(math.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
@@ -236,7 +237,7 @@ def _check_model_and_train(config: ml_collections.ConfigDict, check: _Check) -> 
 def _check_pruning(config: ml_collections.ConfigDict, check: _Check) -> None:
     p = config.pruning
     for key in ("pruning.sparsity", "pruning.initial_sparsity"):
-        check(0.0 <= _get(config, key) < 1.0, key, "must be in [0, 1)")
+        check(0.0 <= get(config, key) < 1.0, key, "must be in [0, 1)")
     check(0.0 <= p.start_frac < p.end_frac <= 1.0, "pruning.end_frac",
           "need 0 <= pruning.start_frac < pruning.end_frac <= 1")
     check(0.0 <= p.drop_fraction < 1.0, "pruning.drop_fraction", "must be in [0, 1)")

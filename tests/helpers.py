@@ -94,3 +94,63 @@ def snapshot(directory):
     root = pathlib.Path(directory)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def free_port():
+    """A free TCP port on localhost (for ``jax.distributed``'s coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(devices):
+    """The environment of a child process on ``devices`` CPU devices: nbjax's settings
+    dropped (the test compilation cache kept), the repository importable, output unbuffered."""
+    import os
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NBJAX_") or k == "NBJAX_TEST_CACHE"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_process_group(commands, logs, timeout_s, skip_exit=None):
+    """Starts every ``(command, env)`` at once, each writing to its log; waits for all under
+    one deadline; fails the test with the log of the first one that failed (or skips it, with
+    the last log line, for a process that exited with ``skip_exit``); kills what is left."""
+    import subprocess
+    import time
+
+    import pytest
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    procs = []
+    try:
+        for (cmd, env), log in zip(commands, logs, strict=True):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                pytest.fail(f"processes still running after {timeout_s} s; logs: {logs}")
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one failed: the others would wait for it until JAX's timeout
+            time.sleep(0.2)
+        for p, log in zip(procs, logs, strict=True):
+            if skip_exit is not None and p.poll() == skip_exit:
+                pytest.skip(log.read_text().strip().splitlines()[-1])
+            if p.poll() not in (None, 0):
+                pytest.fail(f"{log.name} exited with {p.poll()}:\n{log.read_text()[-4000:]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)

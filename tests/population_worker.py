@@ -10,7 +10,6 @@ Gloo's CPU collectives are unavailable.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import pickle
@@ -39,7 +38,6 @@ MEMBERS = ((0, 0.5), (1, 0.8), (2, 0.5), (0, 0.8))
 # initial sparsity at step 4 and to each member's own staircase target at step 8.
 CALLS = 3
 SKIP_EXIT = 77
-BARRIER_MS = 480_000  # how long a process waits for the other to compile
 
 
 def member_configs(burden: bool = True) -> list[Any]:
@@ -105,22 +103,6 @@ def _initialize(coordinator: str, num_processes: int, process_id: int) -> None:
         sys.exit(SKIP_EXIT)
 
 
-def _compiled_in_step(population: population_lib.Population) -> population_lib.Population:
-    """The population with its train call compiled, once every process has compiled it.
-
-    Gloo gives processes 30 s to meet at their first collective; compiling takes minutes on
-    a busy host and need not take as long in each process, so the processes compile first
-    and then wait for each other at a barrier of the coordination service (no collective).
-    """
-    from orbax.checkpoint import multihost
-
-    compiled = population.train_call.lower(population.state, population.train_images,
-                                           population.train_labels,
-                                           batch_indices(population, 0)).compile()
-    multihost.get_barrier_sync_fn()(key="population_worker_compiled", timeout_ms=BARRIER_MS)
-    return dataclasses.replace(population, train_call=compiled)
-
-
 def main(argv: list[str]) -> None:
     from nbjax.parallel import runtime
 
@@ -128,7 +110,7 @@ def main(argv: list[str]) -> None:
     _initialize(coordinator, int(num_processes), int(process_id))
     runtime.enable_compilation_cache(os.environ.get("NBJAX_TEST_CACHE", str(ROOT / ".jax_cache")))
     population = population_lib.build(member_configs(burden=False), smoke_dataset())
-    state, history = train(_compiled_in_step(population), CALLS)
+    state, history = train(population, CALLS)  # compiled in step: nbjax.parallel.together
     pathlib.Path(out).write_bytes(pickle.dumps(held(population, state, history)))
 
 

@@ -8,17 +8,14 @@ Also the flag/environment rules of :mod:`nbjax.parallel.distributed` (no process
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import smoke_config, smoke_dataset
+from helpers import child_env, free_port, run_process_group, smoke_config, smoke_dataset
 
 from nbjax.parallel import distributed
 from nbjax.parallel import mesh as sharding
@@ -45,51 +42,11 @@ def _overrides(method: str) -> dict:
             "pruning.initial_sparsity": 0.2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBJAX_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return env
-
-
 def _command(workdir: Path, overrides: dict, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "nbjax.main", "--config", "configs/smoke.py",
             "--workdir", str(workdir)]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     return args + list(extra)
-
-
-def _run_group(commands: list[tuple[list[str], dict[str, str]]], logs: list[Path]) -> None:
-    """Starts every command at once; waits for all under one deadline; kills what is left."""
-    procs = []
-    try:
-        for (cmd, env), log in zip(commands, logs, strict=True):
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
-                                              stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                pytest.fail(f"processes still running after {TIMEOUT_S} s; logs: {logs}")
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: the others would wait for it until JAX's timeout
-            time.sleep(0.2)
-        failed = [(p.poll(), log) for p, log in zip(procs, logs, strict=False)
-                  if p.poll() not in (None, 0)]
-        if failed:
-            code, log = failed[0]
-            pytest.fail(f"{log.name} exited with {code}:\n{log.read_text()[-4000:]}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
 
 
 def _metrics(workdir: Path) -> list[dict]:
@@ -108,15 +65,15 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     method = _method()
     overrides = _overrides(method)
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
-    port = _free_port()
+    port = free_port()
     commands = [
         (_command(two, overrides, "--coordinator_address", f"127.0.0.1:{port}",
-                  "--num_processes", "2", "--process_id", str(i)), _child_env(2))
+                  "--num_processes", "2", "--process_id", str(i)), child_env(2))
         for i in range(2)
     ]
-    commands.append((_command(one, overrides), _child_env(4)))
+    commands.append((_command(one, overrides), child_env(4)))
     logs = [tmp_path / "process0.log", tmp_path / "process1.log", tmp_path / "reference.log"]
-    _run_group(commands, logs)
+    run_process_group(commands, logs, TIMEOUT_S)
 
     out0, out1 = logs[0].read_text(), logs[1].read_text()
     assert "process 0 of 2 (explicit): 2 local of 4 cpu devices" in out0
@@ -208,6 +165,6 @@ def test_main_rejects_incomplete_settings(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "nbjax.main", "--config", "configs/smoke.py", "--workdir",
          str(tmp_path), "--num_processes", "2"],
-        cwd=ROOT, env=_child_env(1), capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=child_env(1), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "missing: --coordinator_address, --process_id" in proc.stderr

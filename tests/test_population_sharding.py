@@ -9,18 +9,14 @@ training are those of tests/population_worker.py, which is also the processes' p
 """
 
 import functools
-import os
 import pickle
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import run_steps, smoke_dataset
+from helpers import child_env, free_port, run_process_group, run_steps, smoke_dataset
 from jax.sharding import PartitionSpec as P
 from population_worker import (
     CALLS,
@@ -139,54 +135,13 @@ def test_members_prune_to_their_own_sparsity():
 # ------------------------------------------------------------------ several processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NBJAX_") or k == "NBJAX_TEST_CACHE"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return env
-
-
-def _run_group(commands: list[tuple[list[str], dict[str, str]]], logs: list[Path]) -> None:
-    """Starts every command at once, waits for all under one deadline and kills what is
-    left; skips the test when a process found no Gloo collectives."""
-    procs = []
-    try:
-        for (cmd, env), log in zip(commands, logs, strict=True):
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
-                                              stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                pytest.fail(f"processes still running after {TIMEOUT_S} s; logs: {logs}")
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: the others would wait for it until JAX's timeout
-            time.sleep(0.2)
-        for p, log in zip(procs, logs, strict=True):
-            if p.poll() == SKIP_EXIT:
-                pytest.skip(log.read_text().strip().splitlines()[-1])
-            if p.poll() not in (None, 0):
-                pytest.fail(f"{log.name} exited with {p.poll()}:\n{log.read_text()[-4000:]}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-
-
 def test_two_processes_hold_two_members_each_and_train_like_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / "process0.pkl", tmp_path / "process1.pkl"]
     commands = [([sys.executable, str(WORKER), str(out), f"127.0.0.1:{port}", "2", str(i)],
-                 _child_env(2)) for i, out in enumerate(outs)]
-    _run_group(commands, [out.with_suffix(".log") for out in outs])
+                 child_env(2)) for i, out in enumerate(outs)]
+    run_process_group(commands, [out.with_suffix(".log") for out in outs], TIMEOUT_S,
+                      skip_exit=SKIP_EXIT)
     first, second = (pickle.loads(out.read_bytes()) for out in outs)
     # the reference: this one process, on 4 of its devices
     mesh = sharding.population_mesh(len(MEMBERS), jax.devices()[:4])

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import error_lines, run_nbjax, snapshot
+from helpers import error_lines, free_port, run_nbjax, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 160
@@ -243,14 +243,8 @@ def test_divergence_between_log_steps_names_its_step_and_keeps_only_good_checkpo
         all(r["step"] <= 8 for r in _timeless(tmp_path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(workdir: Path) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     return [run_nbjax("--workdir", str(workdir), *SETTINGS, "--coordinator_address",
                       f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
                       wait=False) for i in range(2)]

@@ -23,8 +23,9 @@ from nbjax.burden import tracker as burden_tracker
 from nbjax.data import pipeline as data_lib
 from nbjax.model import build as model_build
 from nbjax.parallel import mesh as sharding_lib
+from nbjax.parallel.together import CompiledTogether
 from nbjax.population import members as members_lib
-from nbjax.pruning import Pruner, make_pruner
+from nbjax.pruning import make_pruner
 from nbjax.train import hparams as hparams_lib
 from nbjax.train import loop as loop_lib
 from nbjax.train import optimizer as optimizer_lib
@@ -37,22 +38,15 @@ STATE_AXES = state_lib.TrainState(step=None, params=0, masks=0, opt_state=0, pru
 
 
 @dataclass
-class Population:
-    """The compiled pieces of a population of ``len(configs)`` members."""
+class Population(loop_lib.Run):
+    """The compiled pieces of a population of ``len(configs)`` members: a single run's pieces
+    (``config`` is member 0's, the shared program), member-stacked, with
+
+    * ``train_call``: ``(state, images, labels, idx[k, N, B]) -> (state, metrics[k, N])``;
+    * ``eval_step``: ``(params, masks, images, labels, idx[B], valid[B]) -> sums[N]``.
+    """
 
     configs: list[ml_collections.ConfigDict]
-    dataset: data_lib.Dataset
-    mesh: Any
-    state: state_lib.TrainState
-    state_shardings: Any
-    train_call: Any  # (state, images, labels, idx[k, N, B]) -> (state, metrics[k, N])
-    eval_step: Any  # (params, masks, images, labels, idx[B], valid[B]) -> sums[N]
-    train_images: jax.Array
-    train_labels: jax.Array
-    test_images: jax.Array
-    test_labels: jax.Array
-    total_steps: int
-    pruner: Pruner
 
     @property
     def size(self) -> int:
@@ -87,12 +81,12 @@ def build(configs: Sequence[ml_collections.ConfigDict],
                                  dataset.std, total_steps=steps, tracker=tracker)
     member_step = jax.vmap(step, in_axes=(STATE_AXES, None, None, 0), out_axes=(STATE_AXES, 0))
     repl = sharding_lib.replicated(mesh)
-    train_call = jax.jit(train.make_train_call(member_step), donate_argnums=0,
-                         out_shardings=(shardings, repl))
-    eval_step = jax.jit(jax.vmap(
+    train_call = CompiledTogether(jax.jit(train.make_train_call(member_step), donate_argnums=0,
+                                          out_shardings=(shardings, repl)), "population_train")
+    eval_step = CompiledTogether(jax.jit(jax.vmap(
         train.make_eval_step(model, dataset.num_classes, dataset.mean, dataset.std),
-        in_axes=(0, 0, None, None, None, None)), out_shardings=repl)
-    return Population(configs=configs, dataset=dataset, mesh=mesh, state=state,
+        in_axes=(0, 0, None, None, None, None)), out_shardings=repl), "population_eval")
+    return Population(config=first, configs=configs, dataset=dataset, mesh=mesh, state=state,
                       state_shardings=shardings, train_call=train_call, eval_step=eval_step,
                       total_steps=steps, pruner=pruner,
                       **loop_lib.device_data(dataset, mesh))
@@ -109,7 +103,7 @@ def _init_members(configs: list[ml_collections.ConfigDict], model: Any, steps: i
     """
     by_rest: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
-        rest = members_lib.flat_config(config.to_dict())
+        rest = config_lib.flat_items(config)
         rest.pop("seed")
         by_rest.setdefault(repr(sorted(rest.items())), []).append(i)
     parts, order = [], []

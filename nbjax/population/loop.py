@@ -42,7 +42,6 @@ from nbjax.population import build as build_lib
 from nbjax.population import members as members_lib
 from nbjax.tome import cost as flops_lib
 from nbjax.train import checkpoint as checkpoint_lib
-from nbjax.train import hparams as hparams_lib
 from nbjax.train import loop as loop_lib
 from nbjax.train import metrics_log, preemption
 from nbjax.train import tensorboard as tensorboard_lib
@@ -126,7 +125,7 @@ def _population_record(configs: list[ml_collections.ConfigDict], workdirs: list[
     keys = members_lib.member_keys(configs[0])
     return {"members": [
         {"workdir": _relative(workdir, directory),
-         **{key: hparams_lib.config_value(config, key) for key in keys}}
+         **{key: config_lib.get(config, key) for key in keys}}
         for config, workdir in zip(configs, workdirs, strict=True)]}
 
 

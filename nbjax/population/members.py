@@ -10,10 +10,10 @@ sparsities are shared too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 
+from nbjax import config as config_lib
 from nbjax import errors
 from nbjax.train import hparams as hparams_lib
 
@@ -26,19 +26,9 @@ def member_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(k for k in hparams_lib.MEMBER_KEYS if k not in shared)
 
 
-def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{dotted key: value}`` of a config's ``to_dict()``."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flat_config(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def program_key(config: ml_collections.ConfigDict) -> str:
     """A string equal for two configs exactly when they compile to the same program."""
-    flat = flat_config(config.to_dict())
+    flat = config_lib.flat_items(config)
     for key in member_keys(config):
         flat.pop(key, None)
     return repr(sorted(flat.items()))
@@ -49,10 +39,10 @@ def check(configs: Sequence[ml_collections.ConfigDict]) -> None:
     that members may not differ in."""
     if not configs:
         raise errors.ConfigError("a population needs at least one member")
-    first = flat_config(configs[0].to_dict())
+    first = config_lib.flat_items(configs[0])
     allowed = set(member_keys(configs[0]))
     for i, config in enumerate(configs[1:], start=1):
-        flat = flat_config(config.to_dict())
+        flat = config_lib.flat_items(config)
         for key in sorted(set(first) | set(flat)):
             if key not in allowed and first.get(key) != flat.get(key):
                 raise errors.ConfigError(

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nbjax import config as config_lib
+
 Hparams = dict[str, jax.Array]
 
 # name in TrainState.hparams -> the config key it comes from
@@ -28,15 +30,7 @@ PER_MEMBER: dict[str, str] = {
 MEMBER_KEYS: tuple[str, ...] = ("seed", *PER_MEMBER.values())
 
 
-def config_value(config: ml_collections.ConfigDict, key: str) -> object:
-    """The value of a dotted ``key`` ('train.learning_rate') of ``config``."""
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def from_config(config: ml_collections.ConfigDict) -> Hparams:
     """The run's per-member values as float32 scalars (the state's ``hparams``)."""
-    return {name: jnp.asarray(float(config_value(config, key)), jnp.float32)
+    return {name: jnp.asarray(float(config_lib.get(config, key)), jnp.float32)
             for name, key in PER_MEMBER.items()}

@@ -30,6 +30,7 @@ from nbjax.data import pipeline as data_lib
 from nbjax.model import build as model_build
 from nbjax.parallel import collectives
 from nbjax.parallel import mesh as sharding_lib
+from nbjax.parallel.together import CompiledTogether
 from nbjax.pruning import Pruner, make_pruner
 from nbjax.tome import cost as flops_lib
 from nbjax.train import checkpoint as checkpoint_lib
@@ -141,8 +142,8 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
                                  dataset.std, total_steps=steps, tracker=tracker,
                                  grad_reduce=grad_reduce, mesh=mesh)
     repl = sharding_lib.replicated(mesh)
-    train_call = jax.jit(train.make_train_call(step), donate_argnums=0,
-                         out_shardings=(shardings, repl))
+    train_call = CompiledTogether(jax.jit(train.make_train_call(step), donate_argnums=0,
+                                          out_shardings=(shardings, repl)), "train_call")
     return Run(config=config, dataset=dataset, mesh=mesh, state=state,
                state_shardings=shardings, train_call=train_call,
                eval_step=_eval_step(model, dataset, repl), total_steps=steps, pruner=pruner,
@@ -181,8 +182,9 @@ def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,
 
 def _eval_step(model: Any, dataset: data_lib.Dataset, replicated: Any) -> Any:
     """The jitted eval step: sums of correct, loss and count, replicated on every device."""
-    return jax.jit(train.make_eval_step(model, dataset.num_classes, dataset.mean, dataset.std),
-                   out_shardings=replicated)
+    return CompiledTogether(jax.jit(
+        train.make_eval_step(model, dataset.num_classes, dataset.mean, dataset.std),
+        out_shardings=replicated), "eval_step")
 
 
 def device_data(dataset: data_lib.Dataset, mesh: Any) -> dict[str, jax.Array]:
