@@ -14,7 +14,7 @@ import pytest
 
 from nbjax.config import load_config_file
 from nbjax.population import members as population_members
-from nbjax.study import claims, cli, estimate, progress, records, store
+from nbjax.study import claims, cli, estimate, findings, progress, records, store
 from nbjax.study import report as study_report
 from nbjax.study import runner as study
 from nbjax.tome import cost
@@ -516,3 +516,16 @@ def test_report_from_synthetic_records(tmp_path):
         assert row in text, row
     assert "(c) | gmp s=0.5" not in text  # claim (c) is about sparsity >= 0.9 only
     assert "wall time: 0.65 h over 39 cells" in text  # 39 cells × 60 s
+
+
+def test_decomposition_needs_two_methods_at_a_sparsity():
+    cells = [findings.cell_of(r) for r in synthetic_records()]
+    only_gmp = [c for c in cells if c.method in ("none", "gmp")]
+    rows = findings.decomposition(only_gmp)
+    assert [(r.metric, r.verdict) for r in rows] == [
+        ("compensation index", "no verdict (<2 methods at one sparsity)"),
+        ("burden index", "no verdict (<2 methods at one sparsity)")]  # gmp logs no selection
+    # rigl (seed 0 only) joins gmp at every sparsity: 9 + 3 cells, r = 1 as in the full report
+    with_rigl = [c for c in cells if c.method in ("none", "gmp", "rigl")]
+    compensation = findings.decomposition(with_rigl)[0]
+    assert compensation.verdict == "supported" and compensation.effect.endswith("(n=12)")

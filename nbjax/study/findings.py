@@ -163,12 +163,21 @@ def drops(cells: Sequence[Cell]) -> list[tuple[Cell, float]]:
 
 
 def decomposition(cells: Sequence[Cell]) -> list[Finding]:
-    """Claim (e): partial correlation of each index with the accuracy drop, given sparsity."""
+    """Claim (e): partial correlation of each index with the accuracy drop, given sparsity,
+    over the sparsities at which at least two methods have a cell (else within one method
+    it would only correlate seed noise)."""
     out = []
     pairs = drops(cells)
     for metric in ("compensation", "selection", "burden_index"):
-        pts = [(getattr(c, metric), drop, c.sparsity) for c, drop in pairs
-               if getattr(c, metric) is not None]
+        found = [(getattr(c, metric), drop, c.sparsity, c.method) for c, drop in pairs
+                 if getattr(c, metric) is not None]
+        methods = defaultdict(set)
+        for *_, sparsity, method in found:
+            methods[sparsity].add(method)
+        pts = [(x, y, s) for x, y, s, _ in found if len(methods[s]) >= 2]
+        if found and not pts:
+            out.append(Finding("e", "all methods", METRICS[metric], st.NO_VERDICT_METHODS,
+                               "one method per sparsity"))
         if not pts:
             continue
         x, y, levels = zip(*pts, strict=True)

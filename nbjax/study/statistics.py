@@ -22,6 +22,7 @@ NO_VERDICT_N = "no verdict (n<2)"
 NO_VERDICT_SPARSITIES = "no verdict (<3 sparsities)"
 NO_VERDICT_DOF = "no verdict (n-3-k<1)"
 NO_VERDICT_FLAT = "no verdict (no variation)"
+NO_VERDICT_METHODS = "no verdict (<2 methods at one sparsity)"
 MIN_TREND_SPARSITIES = 3
 
 
