@@ -52,6 +52,6 @@ class CompiledTogether:
             self._compiled[signature] = compiled
         return compiled(*args)
 
-    def lower(self, *args: Any) -> Any:
-        """The jitted call's own ``lower`` (for cost analyses and tests)."""
-        return self._jitted.lower(*args)
+    def __getattr__(self, name: str) -> Any:
+        """The rest of the jitted call's API (``lower``, ``_cache_size``, ...)."""
+        return getattr(self._jitted, name)
