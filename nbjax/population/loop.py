@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 import types
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ from nbjax.population import members as members_lib
 from nbjax.tome import cost as flops_lib
 from nbjax.train import checkpoint as checkpoint_lib
 from nbjax.train import loop as loop_lib
-from nbjax.train import metrics_log, preemption
+from nbjax.train import metrics_log
 from nbjax.train import tensorboard as tensorboard_lib
 from nbjax.train import workdir as workdir_lib
 
@@ -266,38 +265,14 @@ def train_indices(population: build_lib.Population, orders: list[loop_lib.BatchO
 
 def _train_steps(population: build_lib.Population, ckpt: checkpoint_lib.Checkpointer,
                  state: Any, start: int, members: list[_Member]) -> tuple[Any, int]:
-    """Runs the compiled calls from ``start`` to the end, logging and checkpointing on the
-    way; a stop request (SIGTERM, Ctrl-C) saves at the current step and raises Stopped."""
-    train_cfg, total = population.configs[0].train, population.total_steps
-    orders = [loop_lib.BatchOrder(len(population.dataset.train_labels), train_cfg.batch_size,
-                                  config.seed) for config in population.configs]
-    progress = _Progress(population, ckpt, start, members)
-    step = start
-    with preemption.StopSignals() as stop:
-        try:
-            while step < total:
-                num_steps = min(train_cfg.steps_per_call, total - step)
-                state, metrics = population.train_call(
-                    state, population.train_images, population.train_labels,
-                    train_indices(population, orders, step, num_steps))
-                progress.pending.add(step, metrics)
-                before, step = step, step + num_steps
-                progress.bar.update(num_steps)
-                if loop_lib.crossed(before, step, train_cfg.log_every) or step == total:
-                    progress.log_step(state, before, step)
-                if stop.requested():
-                    loop_lib.save_and_stop(ckpt, progress, state, step, stop.signum)
-                if loop_lib.crossed(before, step, train_cfg.checkpoint_every) and step < total:
-                    progress.pending.fetch()  # never checkpoint past a non-finite step
-                    ckpt.save(step, state)
-        except KeyboardInterrupt as interrupt:  # raised by code inside the loop itself
-            if isinstance(interrupt, errors.Stopped) or stop.forced or \
-                    not loop_lib.intact(state):
-                raise
-            loop_lib.save_and_stop(ckpt, progress, state, step, signal.SIGINT)
-        finally:
-            progress.bar.close()
-    return state, step
+    """Runs the population's compiled calls from ``start`` to the end, each member on its own
+    batch order, through the single run's :func:`nbjax.train.loop.run_calls`."""
+    orders = [loop_lib.BatchOrder(len(population.dataset.train_labels),
+                                  config.train.batch_size, config.seed)
+              for config in population.configs]
+    return loop_lib.run_calls(
+        population, ckpt, state, start, _Progress(population, ckpt, start, members),
+        lambda step, num_steps: train_indices(population, orders, step, num_steps))
 
 
 def evaluate(population: build_lib.Population, state: Any) -> list[dict[str, float]]:

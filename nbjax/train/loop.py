@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,18 +327,27 @@ class _Progress:
 def _train_steps(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.TrainState,
                  start: int, log: metrics_log.MetricsLog,
                  board: tensorboard_lib.TensorBoardWriter) -> tuple[state_lib.TrainState, int]:
-    """Runs the compiled calls from ``start`` to the end, logging and checkpointing on the
-    way; a stop request (SIGTERM, Ctrl-C) saves at the current step and raises Stopped."""
+    """Runs the run's compiled calls from ``start`` to the end (:func:`run_calls`)."""
+    order = BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
+                       run.config.seed)
+    return run_calls(run, ckpt, state, start, _Progress(run, ckpt, start, log, board),
+                     lambda step, num_steps: train_indices(run, order, step, num_steps))
+
+
+def run_calls(run: Run, ckpt: checkpoint_lib.Checkpointer, state: Any, start: int,
+              progress: Any, indices: Callable[[int, int], jax.Array]) -> tuple[Any, int]:
+    """Runs ``run.train_call`` from ``start`` to the end on ``indices(step, num_steps)``,
+    logging through ``progress`` (its ``pending``, ``bar`` and ``log_step``) and
+    checkpointing on the way; a stop request (SIGTERM, Ctrl-C) saves at the current step and
+    raises Stopped. A single run and a population both train through it."""
     train_cfg = run.config.train
-    order = BatchOrder(len(run.dataset.train_labels), train_cfg.batch_size, run.config.seed)
-    progress = _Progress(run, ckpt, start, log, board)
     step = start
     with preemption.StopSignals() as stop:
         try:
             while step < run.total_steps:
                 num_steps = min(train_cfg.steps_per_call, run.total_steps - step)
                 state, metrics = run.train_call(state, run.train_images, run.train_labels,
-                                                train_indices(run, order, step, num_steps))
+                                                indices(step, num_steps))
                 progress.pending.add(step, metrics)
                 before, step = step, step + num_steps
                 progress.bar.update(num_steps)
@@ -363,7 +373,7 @@ def intact(state: state_lib.TrainState) -> bool:
         leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
 
 
-def save_and_stop(ckpt: checkpoint_lib.Checkpointer, progress: _Progress,
+def save_and_stop(ckpt: checkpoint_lib.Checkpointer, progress: Any,
                    state: state_lib.TrainState, step: int, signum: int | None) -> None:
     """Checks the pending steps, saves ``state`` at ``step`` and raises Stopped."""
     progress.pending.fetch()
