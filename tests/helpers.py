@@ -99,6 +99,28 @@ def snapshot(directory):
 # ------------------------------------------------------------------ several processes
 
 
+SKIP_EXIT = 77  # a child process's exit status for "Gloo's CPU collectives are unavailable"
+
+
+def join_process_group(coordinator, num_processes, process_id):
+    """Joins a ``jax.distributed`` group (in a child process); exits with ``SKIP_EXIT`` if
+    Gloo's collectives are missing."""
+    import sys
+
+    import jax
+
+    from nbjax.parallel import distributed
+
+    try:
+        distributed.initialize(coordinator, num_processes, process_id)
+        jax.devices()  # creates the CPU client, with its Gloo collectives
+    except Exception as err:  # jaxlib names the missing piece only in the message
+        if "gloo" not in str(err).lower() and "collective" not in str(err).lower():
+            raise
+        print(f"Gloo CPU collectives are unavailable: {err}", file=sys.stderr)
+        sys.exit(SKIP_EXIT)
+
+
 def free_port():
     """A free TCP port on localhost (for ``jax.distributed``'s coordinator)."""
     import socket

@@ -4,8 +4,8 @@ multi-process test.
 ``python tests/population_worker.py OUT COORDINATOR NUM_PROCESSES PROCESS_ID`` joins a group of
 ``jax.distributed`` processes, trains the population of :func:`member_configs` (burden metrics
 off, to compile faster) for ``CALLS`` calls on ``population_mesh`` over every device of every
-process, and writes :func:`held` of the result to OUT (a pickle). Exits with ``SKIP_EXIT`` when
-Gloo's CPU collectives are unavailable.
+process, and writes :func:`held` of the result to OUT (a pickle). Exits with
+``helpers.SKIP_EXIT`` when Gloo's CPU collectives are unavailable.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script, the repository is not on the path
     sys.path.insert(0, str(ROOT))
 
-from helpers import smoke_config, smoke_dataset  # noqa: E402
+from helpers import join_process_group, smoke_config, smoke_dataset  # noqa: E402
 
 from nbjax.parallel import mesh as sharding  # noqa: E402
 from nbjax.population import build as population_lib  # noqa: E402
@@ -37,7 +37,6 @@ MEMBERS = ((0, 0.5), (1, 0.8), (2, 0.5), (0, 0.8))
 # Steps 0..11 of the smoke schedule (t0 = 4, t1 = 28, every 4): gmp prunes to the shared
 # initial sparsity at step 4 and to each member's own staircase target at step 8.
 CALLS = 3
-SKIP_EXIT = 77
 
 
 def member_configs(burden: bool = True) -> list[Any]:
@@ -89,25 +88,11 @@ def held(population: population_lib.Population, state: Any,
             "local_devices": len(population.mesh.local_devices)}
 
 
-def _initialize(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Joins the process group; exits with SKIP_EXIT if Gloo's collectives are missing."""
-    from nbjax.parallel import distributed
-
-    try:
-        distributed.initialize(coordinator, num_processes, process_id)
-        jax.devices()  # creates the CPU client, with its Gloo collectives
-    except Exception as err:  # jaxlib names the missing piece only in the message
-        if "gloo" not in str(err).lower() and "collective" not in str(err).lower():
-            raise
-        print(f"Gloo CPU collectives are unavailable: {err}", file=sys.stderr)
-        sys.exit(SKIP_EXIT)
-
-
 def main(argv: list[str]) -> None:
     from nbjax.parallel import runtime
 
     out, coordinator, num_processes, process_id = argv
-    _initialize(coordinator, int(num_processes), int(process_id))
+    join_process_group(coordinator, int(num_processes), int(process_id))
     runtime.enable_compilation_cache(os.environ.get("NBJAX_TEST_CACHE", str(ROOT / ".jax_cache")))
     population = population_lib.build(member_configs(burden=False), smoke_dataset())
     state, history = train(population, CALLS)  # compiled in step: nbjax.parallel.together

@@ -16,12 +16,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import child_env, free_port, run_process_group, run_steps, smoke_dataset
+from helpers import (
+    SKIP_EXIT,
+    child_env,
+    free_port,
+    run_process_group,
+    run_steps,
+    smoke_dataset,
+)
 from jax.sharding import PartitionSpec as P
 from population_worker import (
     CALLS,
     MEMBERS,
-    SKIP_EXIT,
     batch_indices,
     held,
     member_configs,

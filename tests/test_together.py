@@ -9,28 +9,22 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from helpers import child_env, free_port, run_process_group
+from helpers import SKIP_EXIT, child_env, free_port, run_process_group
 
 from nbjax.parallel.together import CompiledTogether
 
 LATE_S = 40  # longer than Gloo's 30 s
-SKIP_EXIT = 77
 
 WORKER = """
 import sys, time
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from nbjax.parallel import distributed
+sys.path.insert(0, "tests")
+from helpers import join_process_group
 from nbjax.parallel.together import CompiledTogether
 
 port, pid, late_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-distributed.initialize(f"127.0.0.1:{port}", 2, pid)
-try:
-    jax.devices()
-except Exception as err:
-    if "gloo" in str(err).lower() or "collective" in str(err).lower():
-        print(f"Gloo CPU collectives are unavailable: {err}"); sys.exit(77)
-    raise
+join_process_group(f"127.0.0.1:{port}", 2, pid)
 mesh = jax.make_mesh((2,), ("data",))
 row = NamedSharding(mesh, P("data"))
 x = jax.make_array_from_process_local_data(row, np.full((1,), pid + 1.0, np.float32))

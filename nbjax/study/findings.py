@@ -175,10 +175,10 @@ def decomposition(cells: Sequence[Cell]) -> list[Finding]:
         for *_, sparsity, method in found:
             methods[sparsity].add(method)
         pts = [(x, y, s) for x, y, s, _ in found if len(methods[s]) >= 2]
-        if found and not pts:
-            out.append(Finding("e", "all methods", METRICS[metric], st.NO_VERDICT_METHODS,
-                               "one method per sparsity"))
         if not pts:
+            if found:
+                out.append(Finding("e", "all methods", METRICS[metric],
+                                   st.NO_VERDICT_METHODS, "one method per sparsity"))
             continue
         x, y, levels = zip(*pts, strict=True)
         r = st.partial_correlation(x, y, levels)
