@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from nbjax import pruning
+from nbjax.data import mix
 from nbjax.data import pipeline as data
 from nbjax.errors import ConfigError, UserError
 from nbjax.parallel import collectives
@@ -30,6 +31,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.source": data.SOURCES,
     "data.augment": data.AUGMENTS,
     "data.augment_pad_mode": data.PAD_MODES,
+    "data.mix": mix.MIXES,
     "model.pool": ("cls", "mean"),
     "model.dtype": ("float32", "bfloat16"),
     "pruning.method": tuple(pruning.registered()),
@@ -232,6 +234,11 @@ def _check_model_and_train(config: ml_collections.ConfigDict, check: _Check) -> 
     check(math.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
           "must be finite and > 0")
     check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    alpha = config.data.mix_alpha
+    check(math.isfinite(alpha) and alpha >= 0, "data.mix_alpha", "must be finite and >= 0")
+    check(config.data.mix != "none" or alpha == 0, "data.mix_alpha",
+          "mixes nothing while data.mix='none': set --config.data.mix=mixup (or cutmix, "
+          "mixup_cutmix)")
 
 
 def _check_pruning(config: ml_collections.ConfigDict, check: _Check) -> None:

@@ -47,7 +47,7 @@ def test_default_config_has_documented_fields():
     "kw, match",
     [
         (dict(source="cifar100"), r"data\.source.*'mnist'.*'synthetic'"),
-        (dict(augment="mixup"), r"data\.augment.*'none'.*'crop_flip'"),
+        (dict(augment="rotate"), r"data\.augment.*'none'.*'crop_flip'"),
         (dict(augment_pad_mode="edge"), r"data\.augment_pad_mode"),
         (dict(source="idx", path=""), r"data\.path"),
         (dict(source="synthetic", train_limit=-1), r"data\.train_limit"),

@@ -58,6 +58,8 @@ def default_data_config() -> ml_collections.ConfigDict:
             augment="none",  # one of AUGMENTS
             augment_pad=4,  # pixels of padding before the random crop
             augment_pad_mode="constant",  # one of PAD_MODES: zeros or reflected edges
+            mix="none",  # one of nbjax.data.mix.MIXES: mixup / cutmix of the train batch
+            mix_alpha=0.0,  # Beta(alpha, alpha) mixing weight; 0 = no mixing (per member)
             train_limit=0,  # keep only the first N train examples (0 = all)
             test_limit=0,  # keep only the first M test examples (0 = all)
             synthetic_num_train=2048,

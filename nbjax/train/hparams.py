@@ -23,6 +23,7 @@ PER_MEMBER: dict[str, str] = {
     "sparsity": "pruning.sparsity",
     "initial_sparsity": "pruning.initial_sparsity",
     "drop_fraction": "pruning.drop_fraction",
+    "mix_alpha": "data.mix_alpha",
 }
 
 # Config keys that differ between members without changing the program: the seed (init,

@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from nbjax.burden.tracker import BurdenInput, BurdenTracker
+from nbjax.data import mix as mix_lib
 from nbjax.data import pipeline as data
 from nbjax.model.token_stats import token_metrics
 from nbjax.model.vit import MAX_STATS
@@ -38,7 +39,13 @@ PyTree = Any
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
     """Mean softmax cross-entropy against (optionally smoothed) one-hot labels."""
-    targets = jax.nn.one_hot(labels, num_classes)
+    return soft_cross_entropy(logits, jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
+                       label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy against (optionally smoothed) targets [B, K], e.g. mixed
+    one-hot labels (smoothing is linear, so smoothing mixed targets = mixing smoothed ones)."""
     if label_smoothing > 0:
         targets = optax.smooth_labels(targets, label_smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
@@ -60,16 +67,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, pruner:
     (:func:`nbjax.parallel.collectives.grad_reduce_mode` chooses).
     """
     collectives.check_grad_reduce(grad_reduce, mesh)
-    batch_of = _batch_fn(config, mean, std)
-    loss_and_grad = _loss_and_grad_fn(model, num_classes, config.train.label_smoothing,
-                                      grad_reduce, mesh)
+    batch_of = _batch_fn(config, mean, std, num_classes)
+    loss_and_grad = _loss_and_grad_fn(model, config.train.label_smoothing, grad_reduce, mesh)
 
     def step(state: TrainState, images_u8: jax.Array, labels_all: jax.Array, idx: jax.Array):
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, prune_rng = jax.random.split(rng)
-        images, labels = batch_of(images_u8, labels_all, idx, aug_rng)
+        images, labels, targets = batch_of(images_u8, labels_all, idx, aug_rng,
+                                           state.hparams["mix_alpha"])
         (loss, (logits, stats)), grads = loss_and_grad(state.params, state.masks, images,
-                                                       labels)
+                                                       targets)
         tx = optimizer_lib.make_optimizer(config, total_steps, state.hparams)
         params, opt_state = _optimizer_update(tx, pruner.persistent, state, grads)
         pruned = pruner.update(PruneContext(step=state.step, params=params, masks=state.masks,
@@ -95,29 +102,36 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, pruner:
 
 
 def _batch_fn(config: ml_collections.ConfigDict, mean: tuple[float, ...],
-              std: tuple[float, ...]) -> Callable:
-    """``(images_u8, labels, idx, rng) -> (images, labels)``: the step's batch, gathered from
-    the on-device dataset, normalised and augmented (``config.data``)."""
+              std: tuple[float, ...], num_classes: int) -> Callable:
+    """``(images_u8, labels, idx, rng, mix_alpha) -> (images, labels, targets)``: the step's
+    batch, gathered from the on-device dataset, normalised, augmented and mixed
+    (``config.data``); ``targets`` [B, K] are the one-hot labels, mixed as the images are."""
     kind, pad, pad_mode = config.data.augment, config.data.augment_pad, config.data.augment_pad_mode
 
-    def batch_of(images_u8, labels_all, idx, rng):
-        images = data.normalize(images_u8[idx], mean, std)
-        return data.augment(images, rng, kind, pad, pad_mode), labels_all[idx]
+    def batch_of(images_u8, labels_all, idx, rng, mix_alpha):
+        images = data.augment(data.normalize(images_u8[idx], mean, std), rng, kind, pad,
+                              pad_mode)
+        labels = labels_all[idx]
+        targets = jax.nn.one_hot(labels, num_classes)
+        # A key of its own, so that turning mixing on leaves the crops and flips as they were.
+        images, targets = mix_lib.mix(images, targets, jax.random.fold_in(rng, 1),
+                                      config.data.mix, mix_alpha)
+        return images, labels, targets
 
     return batch_of
 
 
-def _loss_and_grad_fn(model: nn.Module, num_classes: int, label_smoothing: float,
-                      grad_reduce: str, mesh: Any) -> Callable:
-    """``(params, masks, images, labels) -> ((loss, (logits, stats)), grads)``.
+def _loss_and_grad_fn(model: nn.Module, label_smoothing: float, grad_reduce: str,
+                      mesh: Any) -> Callable:
+    """``(params, masks, images, targets) -> ((loss, (logits, stats)), grads)``.
 
     ``stats`` is the model's ``'stats'`` collection. The model's masks are straight-through,
     so ``grads`` is the dense gradient (RigL regrows by it).
     """
 
-    def loss_fn(params, masks, images, labels):
+    def loss_fn(params, masks, images, targets):
         logits, aux = model.apply({"params": params, "masks": masks}, images, mutable=["stats"])
-        loss = cross_entropy(logits, labels, num_classes, label_smoothing)
+        loss = soft_cross_entropy(logits, targets, label_smoothing)
         return loss, (logits, aux.get("stats", {}))
 
     loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
