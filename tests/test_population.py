@@ -206,10 +206,10 @@ def test_members_write_ordinary_run_dirs(reference, tmp_path):
     assert members == [
         {"workdir": "../seed0", "seed": 0, "train.learning_rate": 1e-3,
          "train.weight_decay": 0.05, "pruning.sparsity": 0.9, "pruning.initial_sparsity": 0.0,
-         "pruning.drop_fraction": 0.3},
+         "pruning.drop_fraction": 0.3, "data.mix_alpha": 0.0},
         {"workdir": f"../{NAMES[1]}", "seed": 1, "train.learning_rate": 2e-3,
          "train.weight_decay": 0.05, "pruning.sparsity": 0.8, "pruning.initial_sparsity": 0.0,
-         "pruning.drop_fraction": 0.3}]
+         "pruning.drop_fraction": 0.3, "data.mix_alpha": 0.0}]
 
 
 def test_member_dirs_are_read_by_the_run_tools(reference):
