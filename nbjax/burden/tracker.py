@@ -65,7 +65,7 @@ class BurdenInput:
     masks: PyTree
     grads: PyTree  # the step's dense gradient
     stats: PyTree  # the model's 'stats' collection of the step's forward pass
-    images: jax.Array  # the step's batch as the model saw it (augmented, normalised)
+    images: jax.Array  # the step's batch as the model saw it (normalised, augmented, mixed)
     updated_params: PyTree
     new_masks: PyTree
     mask_updated: jax.Array  # bool scalar
