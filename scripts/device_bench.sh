@@ -20,6 +20,8 @@
 # put their wheels in .whl/ first; they are installed into /tmp/site without touching the
 # system packages.
 set -uo pipefail
+# shellcheck source=device_common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
 out=${1:?usage: scripts/device_bench.sh OUTDIR [population|variants|cache|steps_per_call ...]}
 shift
 parts=${*:-population variants cache steps_per_call}
@@ -27,11 +29,7 @@ budget=${BUDGET_S:-570}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-nvidia-smi -L 2>/dev/null
+device_setup "$py"
 "$py" -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tail -1
 

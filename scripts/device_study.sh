@@ -21,6 +21,8 @@
 # packs what is recorded. Where nbjax's dependencies are not installed, put their wheels in
 # .whl/ first (as for scripts/device_bench.sh).
 set -uo pipefail
+# shellcheck source=device_common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 out="" full=0 dry=()
@@ -43,10 +45,7 @@ else
   name=cifar10_gpu_e3
   reduce=(--config.base.train.num_epochs=3 --config.base.train.warmup_steps=100)
 fi
-if [[ -n ${DATA:-} ]]; then data=$DATA
-elif [[ -d shared/data/cifar10-jpeg ]]; then data=shared/data/cifar10-jpeg
-else data=../shared/data/cifar10-jpeg
-fi
+data=$(cifar10_jpeg_dir)
 workdir=${WORKDIR:-/tmp/nbjax_study_$name}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 study=("$py" -m nbjax.study --config configs/study_cifar10_gpu.py --workdir "$workdir"
@@ -59,15 +58,9 @@ if (( ${#dry[@]} )); then
 fi
 [[ -d $data ]] || { echo "no CIFAR-10 JPEG copy at $data: set DATA" >&2; exit 2; }
 mkdir -p "$out/$name"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-nvidia-smi -L 2>/dev/null
-limit=()
-[[ -z ${LIMIT_S:-} ]] || limit=(timeout --signal=TERM --kill-after=60 "$LIMIT_S")
+device_setup "$py"
 start=$SECONDS
-"${limit[@]}" "${study[@]}" 2>&1 | grep -v "^[IW][0-9]\{4\} " | tee "$out/$name/study.log"
+with_limit "${study[@]}" 2>&1 | grep -v "^[IW][0-9]\{4\} " | tee "$out/$name/study.log"
 status=${PIPESTATUS[0]}
 echo "study exit $status after $(( SECONDS - start )) s" | tee -a "$out/$name/study.log"
 "$py" -m nbjax.report "$out/$name" 2>&1 | tail -3

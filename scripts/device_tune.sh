@@ -16,6 +16,8 @@
 # --config.KEY=VALUE flags change every member (e.g. --config.model.hidden_dim=128). Where
 # nbjax's dependencies are not installed, put their wheels in .whl/ first.
 set -uo pipefail
+# shellcheck source=device_common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/device_common.sh"
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 case ${1:-} in
@@ -29,10 +31,7 @@ for arg in "$@"; do
 done
 
 py=${PYTHON:-python3}
-if [[ -n ${DATA:-} ]]; then data=$DATA
-elif [[ -d shared/data/cifar10-jpeg ]]; then data=shared/data/cifar10-jpeg
-else data=../shared/data/cifar10-jpeg
-fi
+data=$(cifar10_jpeg_dir)
 [[ -d $data ]] || { echo "no CIFAR-10 JPEG copy at $data: set DATA" >&2; exit 2; }
 workdir=${WORKDIR:-/tmp/nbjax_tune}
 members=""
@@ -41,15 +40,9 @@ for alpha in ${ALPHAS:-0 0.2 0.8 1}; do
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-nvidia-smi -L 2>/dev/null
-limit=()
-[[ -z ${LIMIT_S:-} ]] || limit=(timeout --signal=TERM --kill-after=60 "$LIMIT_S")
+device_setup "$py"
 start=$SECONDS
-"${limit[@]}" "$py" -m nbjax.population --config configs/cifar10_vit4_mix.py \
+with_limit "$py" -m nbjax.population --config configs/cifar10_vit4_mix.py \
   --workdir "$workdir" --members "$members" --config.data.source=image_folder \
   --config.data.path="$data" --config.burden.enabled=False --config.train.progress=False \
   --config.train.num_epochs="${EPOCHS:-100}" "$@" 2>&1 | grep -v "^[IW][0-9]\{4\} " \
@@ -58,18 +51,17 @@ status=${PIPESTATUS[0]}
 echo "population exit $status after $(( SECONDS - start )) s" | tee -a "$out/cifar10_tune.log"
 "$py" - "$workdir" "$out/cifar10_tune.json" <<'PY'
 import json, pathlib, sys
+from etils import epath
+from nbjax.study.records import read_log
+from nbjax.train.loop import final_metrics
 workdir, members = pathlib.Path(sys.argv[1]), []
 for run in sorted(p.parent for p in workdir.glob("*/config.json")):
     config = json.loads((run / "config.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [[r["step"], r["test/accuracy"]] for r in rows
-             if "test/accuracy" in r and not r.get("final")]
-    final = run / "final_metrics.json"
+    evals = [[line["step"], line["test/accuracy"]] for line in read_log(str(run))[1]]
     members.append({"member": run.name, "mix_alpha": config["data"]["mix_alpha"],
-                    "final": json.loads(final.read_text()) if final.exists() else None,
-                    "test_accuracy": evals})
+                    "final": final_metrics(epath.Path(run)), "test_accuracy": evals})
     print(f"{run.name}: alpha {members[-1]['mix_alpha']}, test accuracy "
-          f"{members[-1]['test_accuracy'][-1:] or 'none yet'}")
+          f"{evals[-1:] or 'none yet'}")
 pathlib.Path(sys.argv[2]).write_text(json.dumps({"members": members}, indent=1))
 PY
 tar -czf "$out/cifar10_tune.tar.gz" -C "$workdir" --exclude=population --exclude=checkpoints \
