@@ -70,7 +70,7 @@ def run_nbjax(*args, config="configs/smoke.py", wait=True, preexec_fn=None, time
 
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "NBJAX_VERBOSE"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     command = [sys.executable, "-m", "nbjax.main"]
     command += ["--config", str(config)] if config else []
     command += [str(a) for a in args]
@@ -130,6 +130,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def xla_flags(devices):
+    """The test session's XLA_FLAGS (tests/conftest.py) with ``devices`` CPU devices, for a
+    child process: its programs then compile like the test's own."""
+    import os
+
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
+
+
 def child_env(devices):
     """The environment of a child process on ``devices`` CPU devices: nbjax's settings
     dropped (the test compilation cache kept), the repository importable, output unbuffered."""
@@ -138,7 +148,7 @@ def child_env(devices):
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("NBJAX_") or k == "NBJAX_TEST_CACHE"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
     return env
 

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from helpers import xla_flags
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ TINY = ["--config.model.image_size=8", "--config.model.patch_size=4",
 
 def _tune(*args, **env):
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", **env)
+               XLA_FLAGS=xla_flags(2), **env)
     return subprocess.run(["bash", str(ROOT / "scripts" / "device_tune.sh"), *args],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 

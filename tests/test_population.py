@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import error_lines, run_steps, smoke_config, smoke_dataset, snapshot
+from helpers import error_lines, run_steps, smoke_config, smoke_dataset, snapshot, xla_flags
 
 from nbjax import errors, report, visualize
 from nbjax.parallel import mesh as mesh_lib
@@ -301,7 +301,7 @@ def test_member_specs_name_each_member_by_its_overrides():
 
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NBJAX_VERBOSE"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "nbjax.population", "--config",
                            "configs/smoke.py", "--workdir", str(tmp_path / "p"),
                            "--members", "seed=0;seed=1,model.depth=3"],

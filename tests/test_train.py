@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import one_device_mesh, run_steps, smoke_config, smoke_dataset
+from helpers import one_device_mesh, run_steps, smoke_config, smoke_dataset, xla_flags
 
 from nbjax.model.build import build_model
 from nbjax.train import checkpoint, loop
@@ -174,7 +174,7 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
     args = [sys.executable, "-m", "nbjax.main", "--config", os.path.join(root, "configs",
                                                                            "smoke.py"),
             "--config.train.num_steps=64", "--config.train.progress=False"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     full = subprocess.run([*args, "--workdir", str(tmp_path / "full")], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
