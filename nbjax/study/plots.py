@@ -74,6 +74,18 @@ def scatter(ax: Any, groups: Mapping[str, tuple[Sequence[float], Sequence[float]
     return drew
 
 
+def legend(axes: Any) -> Any:
+    """One legend, on the last panel, naming every label drawn in any panel once, so a label
+    the last panel lacks is still named; None if nothing is labelled."""
+    handles: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if not handles:
+        return None
+    return np.ravel(axes)[-1].legend(list(handles.values()), list(handles), fontsize=7)
+
+
 def palette(labels: Sequence[str]) -> dict[str, Any]:
     """A fixed colour per label, so every panel and figure colours a label alike."""
     cmap = plt.get_cmap("tab10")

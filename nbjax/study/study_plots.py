@@ -39,7 +39,7 @@ def accuracy_vs_sparsity(cells: Sequence[fd.Cell], path: str) -> str | None:
                      reference=reference.mean if reference else None, marker="o")
         ax.set(title=method, xlabel="sparsity")
     axes[0, 0].set_ylabel("test accuracy (%), mean ± 95 % CI")
-    axes[0, -1].legend(fontsize=7)
+    plots.legend(axes)
     fig.suptitle("dotted: dense, no mitigation", fontsize=8)
     return plots.save(fig, path)
 
@@ -56,7 +56,7 @@ def index_vs_sparsity(cells: Sequence[fd.Cell], path: str,
         plots.curves(ax, {m: _series(cells, metric, m, fd.PLAIN) for m in methods},
                      plots.palette(methods), reference=1.0, marker="o")
         ax.set(xlabel="sparsity", ylabel=f"{fd.METRICS[metric]} (end of pruning)")
-    axes[0, -1].legend(fontsize=7)
+    plots.legend(axes)
     return plots.save(fig, path)
 
 
@@ -77,7 +77,7 @@ def drop_vs_index(cells: Sequence[fd.Cell], path: str) -> str | None:
         plots.scatter(ax, groups, plots.palette(_pruned(cells)))
         ax.set(xlabel=f"{fd.METRICS[metric]} (end of pruning)",
                ylabel="accuracy drop vs dense (points)")
-    axes[0, -1].legend(fontsize=7)
+    plots.legend(axes)
     return plots.save(fig, path)
 
 
