@@ -2,23 +2,25 @@
 # Runs a study in the background from a separate clone at a fixed commit, and commits each
 # finished cell's record into the main checkout as it lands (docs/study.md).
 #
-#   bash scripts/study_worker.sh [--commit REV] [--root DIR] STUDY_CONFIG [STUDY_ARGS...]
+#   bash scripts/study_worker.sh [--commit REV] [--root DIR] [--records STORE] STUDY_CONFIG
+#                                [STUDY_ARGS...]
 #
 # The clone and its venv live in DIR (default ../nbjax-worker-<name of the config>), so the
 # checkout being edited is never the code that runs. The study writes its records straight
-# into this checkout's records directory (docs/results/<study>/cells), skips cells that
-# already have one, and this script commits each new record on its own (`git commit --
-# <record>`: nothing else staged or changed is committed). Stop it with Ctrl-C or kill; run
-# it again to continue.
+# into this checkout's records store (STORE, a path inside it; default the config's own, as
+# the clone's nbjax resolves it), skips cells that already have one, and this script commits each new record
+# on its own (`git commit -- <record>`: nothing else staged or changed is committed). Stop it
+# with Ctrl-C or kill; run it again to continue.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 main_repo=$(cd "$(dirname "$0")/.." && pwd)
-commit=HEAD root=""
+commit=HEAD root="" records=""
 while [ $# -gt 0 ]; do
   case $1 in
     --commit) commit=$2; shift 2 ;;
     --root) root=$2; shift 2 ;;
+    --records) records=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) break ;;
   esac
@@ -29,13 +31,6 @@ config=$1; shift
 name=$(basename "$config" .py)
 root=${root:-$main_repo/../nbjax-worker-$name}
 rev=$(git -C "$main_repo" rev-parse "$commit")
-records=$(cd "$main_repo" && python3 - "$config" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-m = re.search(r"""name\s*=\s*["']([\w.-]+)["']""", text)
-print(f"docs/results/{m.group(1) if m else sys.argv[1].split('/')[-1][6:-3]}/cells")
-EOF
-)
 
 mkdir -p "$root"
 if [ ! -d "$root/src/.git" ]; then
@@ -44,6 +39,12 @@ fi
 git -C "$root/src" fetch -q "$main_repo" "$rev" 2>/dev/null || git -C "$root/src" fetch -q origin
 git -C "$root/src" checkout -q --detach "$rev"
 make -C "$root/src" install >/dev/null
+if [ -z "$records" ]; then  # where the study itself would write them, relative to the repo
+  records=$(cd "$root/src" && .venv/bin/python -c "import sys
+from nbjax.config import load_config_file
+from nbjax.study.grid import records_dir
+print(records_dir(load_config_file(sys.argv[1])))" "$config")
+fi
 mkdir -p "$main_repo/$records"
 echo "worker: $config at $(git -C "$root/src" rev-parse --short HEAD), records in $main_repo/$records"
 
