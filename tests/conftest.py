@@ -5,7 +5,9 @@ XLA reads its flags once, before JAX initialises its backends, so they are set h
 import time of the test session, before any test module imports jax. Besides the device
 count, the tests compile at XLA:CPU's optimisation level 1: most of a test's time is code
 generation for the tiny test models, and level 1 cuts it by about a quarter
-(docs/performance.md). Child processes get the same flags (helpers.xla_flags).
+(docs/performance.md). Child processes get the same flags (helpers.xla_flags) and, through
+``NBJAX_COMPILATION_CACHE``, the same cache: a CLI run, a notebook kernel or one of several
+processes loads what the in-process tests compiled, and nothing is written to ~/.cache.
 """
 
 import os
@@ -19,7 +21,8 @@ import jax  # noqa: E402
 
 from nbjax.parallel import runtime  # noqa: E402
 
-runtime.enable_compilation_cache(
-    os.environ.get("NBJAX_TEST_CACHE",
-                   str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache")))
+CACHE = os.environ.get("NBJAX_TEST_CACHE",
+                       str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"))
+os.environ["NBJAX_COMPILATION_CACHE"] = CACHE
+runtime.enable_compilation_cache(CACHE)
 del jax

@@ -142,12 +142,12 @@ def xla_flags(devices):
 
 def child_env(devices):
     """The environment of a child process on ``devices`` CPU devices: nbjax's settings
-    dropped (the test compilation cache kept), the repository importable, output unbuffered."""
+    dropped (the tests' compilation cache kept), the repository importable, output unbuffered."""
     import os
 
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NBJAX_") or k == "NBJAX_TEST_CACHE"}
+           if not k.startswith("NBJAX_") or k in ("NBJAX_TEST_CACHE", "NBJAX_COMPILATION_CACHE")}
     env.update(XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
     return env

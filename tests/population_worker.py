@@ -10,7 +10,6 @@ process, and writes :func:`held` of the result to OUT (a pickle). Exits with
 
 from __future__ import annotations
 
-import os
 import pathlib
 import pickle
 import sys
@@ -93,7 +92,7 @@ def main(argv: list[str]) -> None:
 
     out, coordinator, num_processes, process_id = argv
     join_process_group(coordinator, int(num_processes), int(process_id))
-    runtime.enable_compilation_cache(os.environ.get("NBJAX_TEST_CACHE", str(ROOT / ".jax_cache")))
+    runtime.enable_compilation_cache()  # the tests' cache (conftest: NBJAX_COMPILATION_CACHE)
     population = population_lib.build(member_configs(burden=False), smoke_dataset())
     state, history = train(population, CALLS)  # compiled in step: nbjax.parallel.together
     pathlib.Path(out).write_bytes(pickle.dumps(held(population, state, history)))

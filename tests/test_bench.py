@@ -50,8 +50,7 @@ def _check_figures(r: dict, batch: int, steps_per_call: int) -> None:
 
 def test_bench_command_prints_and_writes_the_same_figures(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ)
-    env["NBJAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
+    env = dict(os.environ)  # with the tests' compilation cache (conftest)
     cmd = [sys.executable, "-m", "nbjax.bench", "--config", str(ROOT / "configs" / "smoke.py"),
            "--variants", "dense,gmp+burden", "--steps", "16", "--warmup", "1",
            "--config.pruning.update_every=8", "--json", str(out)]
@@ -268,8 +267,7 @@ def test_bf16_compute_trains_smoke_config_with_fp32_state():
 
 def test_population_command_reports_consistent_figures(tmp_path):
     out = tmp_path / "population.json"
-    env = dict(os.environ)
-    env["NBJAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
+    env = dict(os.environ)  # with the tests' compilation cache (conftest)
     cmd = [sys.executable, "-m", "nbjax.bench", "--config", str(ROOT / "configs" / "smoke.py"),
            "--population", "2,1", "--steps", "8", "--warmup", "1", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
