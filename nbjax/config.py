@@ -149,6 +149,16 @@ def get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return node
 
 
+def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Sets the dotted key ('train.learning_rate') of ``config``; a KeyError if the key does
+    not exist (a typo never adds a field), a TypeError if the value has the wrong type."""
+    *parents, leaf = dotted.split(".")
+    node = get(config, ".".join(parents)) if parents else config
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise KeyError(dotted)
+    node[leaf] = value
+
+
 def flat_items(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
     """Every leaf of ``config`` by its dotted key, e.g. ``{"train.batch_size": 128, ...}``."""
     out: dict[str, Any] = {}

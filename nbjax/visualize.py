@@ -209,11 +209,8 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     schema = config_lib.flat_items(config)
     for key, value in stored.items():
         if key in schema and value != schema[key]:  # a change recorded after config.json
-            *parents, leaf = key.split(".")
-            node = config
-            for part in parents:
-                node = node[part]
-            node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+            config_lib.set_value(config, key,
+                                 tuple(value) if isinstance(schema[key], tuple) else value)
     return config_lib.lock(config)
 
 

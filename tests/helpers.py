@@ -3,7 +3,7 @@
 import functools
 import pathlib
 
-from nbjax.config import load_config_file, lock
+from nbjax.config import load_config_file, lock, set_value
 from nbjax.data import pipeline as data
 
 
@@ -13,11 +13,7 @@ def smoke_config(**overrides):
     config = load_config_file(path)
     config.train.progress = False
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_value(config, key, value)
     return lock(config)
 
 
@@ -59,8 +55,30 @@ def run_steps(config, num_calls, state=None):
     return run, state, history
 
 
-def run_nbjax(*args, config="configs/smoke.py", wait=True, preexec_fn=None, timeout=300):
-    """``python -m nbjax.main --config CONFIG ARGS...`` in a subprocess on 2 CPU devices.
+def image_folder(root, rng, mode="RGB", size=(5, 4), counts=(("train", 4), ("test", 2)),
+                 classes=("cat", "ant", "bee")):
+    """Writes random PNGs as root/<split>/<class>/<i>.png (``size`` is width, height;
+    ``mode`` RGB or L); returns {split: [(pixels, class name)]} in the order written. The
+    default classes are not in sorted order: a reader's labels must come from sorted names."""
+    from PIL import Image
+
+    channels = {"RGB": 3, "L": 1}[mode]
+    written = {}
+    for split, n in counts:
+        written[split] = []
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                px = rng.integers(0, 256, (size[1], size[0], channels), dtype="uint8")
+                Image.fromarray(px.squeeze(-1) if channels == 1 else px, mode).save(
+                    root / split / cls / f"{i}.png")
+                written[split].append((px, cls))
+    return written
+
+
+def run_nbjax(*args, config="configs/smoke.py", wait=True, preexec_fn=None, timeout=300,
+              module="nbjax.main"):
+    """``python -m MODULE --config CONFIG ARGS...`` in a subprocess on 2 CPU devices.
 
     Returns the CompletedProcess (text output), or with ``wait=False`` the running Popen.
     """
@@ -71,7 +89,7 @@ def run_nbjax(*args, config="configs/smoke.py", wait=True, preexec_fn=None, time
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "NBJAX_VERBOSE"}
     env.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "nbjax.main"]
+    command = [sys.executable, "-m", module]
     command += ["--config", str(config)] if config else []
     command += [str(a) for a in args]
     if not wait:

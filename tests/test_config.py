@@ -40,6 +40,17 @@ def test_unknown_key_is_rejected():
         config.prunning = 1
 
 
+def test_set_value_sets_an_existing_dotted_key_and_refuses_a_new_one():
+    config = config_lib.base_config()
+    config_lib.set_value(config, "train.learning_rate", 0.25)
+    config_lib.set_value(config, "seed", 7)
+    assert config.train.learning_rate == 0.25 and config.seed == 7
+    for typo in ("train.learning_rat", "trian.learning_rate", "seed.value"):
+        with pytest.raises((KeyError, AttributeError)):
+            config_lib.set_value(config, typo, 1.0)
+    assert "learning_rat" not in config.train
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "nbjax.main", "--config",
                            str(ROOT / "configs" / "smoke.py"), *args],

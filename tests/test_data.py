@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import image_folder
 from PIL import Image
 
 from nbjax.data import decoded
@@ -206,22 +207,6 @@ def test_cifar10_python_missing(tmp_path):
 # ----------------------------------------------------------------------------- image folders
 
 
-def _image_folder(root: Path, rng: np.random.Generator, mode: str = "RGB", size=(5, 4)):
-    """Writes root/{train,test}/<class>/<i>.png; returns {split: [(pixels, class name)]}."""
-    ch = {"RGB": 3, "L": 1}[mode]
-    written: dict[str, list] = {}
-    for split, n in (("train", 4), ("test", 2)):
-        written[split] = []
-        for cls in ("cat", "ant", "bee"):  # not sorted: labels must come from sorted names
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                px = rng.integers(0, 256, (size[1], size[0], ch), dtype=np.uint8)
-                Image.fromarray(px.squeeze(-1) if ch == 1 else px, mode).save(
-                    root / split / cls / f"{i}.png")
-                written[split].append((px, cls))
-    return written
-
-
 def _tar_splits(src: Path, dst: Path) -> None:
     dst.mkdir()
     for split in ("train", "test"):
@@ -237,7 +222,7 @@ def _assert_matches(images, labels, written, class_names):
 
 
 def test_image_folder_dir_and_targz_are_exact(tmp_path):
-    written = _image_folder(tmp_path / "dir", np.random.default_rng(2))
+    written = image_folder(tmp_path / "dir", np.random.default_rng(2))
     _tar_splits(tmp_path / "dir", tmp_path / "tgz")
     a = data.load_dataset(_cfg(tmp_path, source="image_folder", path=str(tmp_path / "dir")))
     assert a.class_names == ("ant", "bee", "cat") and a.num_classes == 3
@@ -251,7 +236,7 @@ def test_image_folder_dir_and_targz_are_exact(tmp_path):
 
 
 def test_image_folder_grayscale_and_mixed(tmp_path):
-    written = _image_folder(tmp_path / "g", np.random.default_rng(3), mode="L")
+    written = image_folder(tmp_path / "g", np.random.default_rng(3), mode="L")
     ds = data.load_dataset(_cfg(tmp_path, source="image_folder", path=str(tmp_path / "g")))
     assert ds.image_shape == (4, 5, 1)
     _assert_matches(ds.train_images, ds.train_labels, written["train"], list(ds.class_names))
@@ -263,11 +248,11 @@ def test_image_folder_grayscale_and_mixed(tmp_path):
 
 
 def test_image_folder_size_mismatch_and_unknown_class(tmp_path):
-    _image_folder(tmp_path / "s", np.random.default_rng(4))
+    image_folder(tmp_path / "s", np.random.default_rng(4))
     Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(tmp_path / "s" / "train" / "bee" / "z.png")
     with pytest.raises(ValueError, match=r"same size.*z\.png"):
         data.load_dataset(_cfg(tmp_path, source="image_folder", path=str(tmp_path / "s")))
-    _image_folder(tmp_path / "u", np.random.default_rng(5))
+    image_folder(tmp_path / "u", np.random.default_rng(5))
     (tmp_path / "u" / "test" / "dog").mkdir()
     Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "u" / "test" / "dog" / "0.png")
     with pytest.raises(ValueError, match="dog"):
@@ -281,7 +266,7 @@ def test_image_folder_missing(tmp_path):
 
 
 def test_image_folder_cache_hit_invalidation_and_corruption(tmp_path, monkeypatch):
-    _image_folder(tmp_path / "d", np.random.default_rng(6))
+    image_folder(tmp_path / "d", np.random.default_rng(6))
     _tar_splits(tmp_path / "d", tmp_path / "t")
     c = _cfg(tmp_path, source="image_folder", path=str(tmp_path / "t"))
     first = data.load_dataset(c)

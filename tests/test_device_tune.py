@@ -10,8 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from helpers import xla_flags
-from PIL import Image
+from helpers import image_folder, xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config.model.image_size=8", "--config.model.patch_size=4",
@@ -30,13 +29,8 @@ def _tune(*args, **env):
 
 
 def _folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 4)):
-        for cls in ("a", "b", "c"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                px = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(px, "RGB").save(root / split / cls / f"{i}.png")
+    image_folder(root, np.random.default_rng(0), size=(8, 8),
+                 counts=(("train", 16), ("test", 4)), classes=("a", "b", "c"))
     return root
 
 

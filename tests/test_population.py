@@ -11,14 +11,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import error_lines, run_steps, smoke_config, smoke_dataset, snapshot, xla_flags
+from helpers import error_lines, run_nbjax, run_steps, smoke_config, smoke_dataset, snapshot
 
 from nbjax import errors, report, visualize
 from nbjax.parallel import mesh as mesh_lib
@@ -300,12 +298,8 @@ def test_member_specs_name_each_member_by_its_overrides():
 
 
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "NBJAX_VERBOSE"}
-    env.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "nbjax.population", "--config",
-                           "configs/smoke.py", "--workdir", str(tmp_path / "p"),
-                           "--members", "seed=0;seed=1,model.depth=3"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_nbjax("--workdir", tmp_path / "p", "--members", "seed=0;seed=1,model.depth=3",
+                     module="nbjax.population")
     assert proc.returncode == 2
     [line] = error_lines(proc)
     assert "population member 1 has model.depth=3 but member 0 has 2" in line

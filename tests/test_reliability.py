@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import error_lines, free_port, run_nbjax, snapshot
 
+from nbjax import visualize
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 160
 SETTINGS = ["--config.train.progress=False", f"--config.train.num_steps={STEPS}",
@@ -225,6 +227,8 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(reference, 
                 (workdir / "config_changes.jsonl").read_text().splitlines()]
     assert change["changes"] == {"train.log_every": [8, 16], "train.steps_per_call": [4, 8]}
     assert change["step"] == steps[-1] and change["allow_config_change"] is False
+    restored = visualize.load_run_config(workdir)  # config.json, then the recorded changes
+    assert (restored.train.steps_per_call, restored.train.log_every) == (8, 16)
 
 
 def test_divergence_between_log_steps_names_its_step_and_keeps_only_good_checkpoints(tmp_path):

@@ -58,14 +58,8 @@ def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: s
     from nbjax import config as config_lib
 
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
         try:
-            for part in parents:
-                node = node[part]
-            if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-                raise KeyError(key)
-            node[leaf] = value
+            config_lib.set_value(config, key, value)
         except (KeyError, AttributeError) as err:
             raise config_lib.unknown_key_error(key, config, where) from err
         except TypeError as err:
