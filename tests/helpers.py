@@ -165,7 +165,7 @@ def child_env(devices):
 
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NBJAX_") or k in ("NBJAX_TEST_CACHE", "NBJAX_COMPILATION_CACHE")}
+           if not k.startswith("NBJAX_") or k == "NBJAX_COMPILATION_CACHE"}
     env.update(XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
     return env
