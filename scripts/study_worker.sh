@@ -8,9 +8,9 @@
 # The clone and its venv live in DIR (default ../nbjax-worker-<name of the config>), so the
 # checkout being edited is never the code that runs. The study writes its records straight
 # into this checkout's records store (STORE, a path inside it; default the config's own, as
-# the clone's nbjax resolves it), skips cells that already have one, and this script commits each new record
-# on its own (`git commit -- <record>`: nothing else staged or changed is committed). Stop it
-# with Ctrl-C or kill; run it again to continue.
+# the clone's nbjax resolves it), skips cells that already have one, and this script commits
+# each new record on its own (`git commit -- <record>`: nothing else staged or changed is
+# committed). Stop it with Ctrl-C or kill; run it again to continue.
 set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
