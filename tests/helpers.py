@@ -5,6 +5,7 @@ import pathlib
 
 from nbjax.config import load_config_file, lock, set_value
 from nbjax.data import pipeline as data
+from nbjax.train import order as order_lib
 
 
 def smoke_config(**overrides):
@@ -45,7 +46,8 @@ def run_steps(config, num_calls, state=None):
 
     run = loop.build(config, smoke_dataset(), mesh=one_device_mesh())
     state = run.state if state is None else state
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
+                                 config.seed)
     k = config.train.steps_per_call
     history = []
     for c in range(num_calls):

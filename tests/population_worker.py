@@ -28,7 +28,7 @@ from helpers import join_process_group, smoke_config, smoke_dataset  # noqa: E40
 
 from nbjax.parallel import mesh as sharding  # noqa: E402
 from nbjax.population import build as population_lib  # noqa: E402
-from nbjax.train import loop  # noqa: E402
+from nbjax.train import order as order_lib  # noqa: E402
 
 # (seed, pruning.sparsity) per member. Members 0 and 2 share a program group at sparsity 0.5,
 # 1 and 3 at 0.8 (the stacked init reorders them); 0 and 3 start from the same seed.
@@ -49,7 +49,7 @@ def batch_indices(population: population_lib.Population, call: int) -> jax.Array
     """Call ``call``'s [k, N, B] example indices, each member in its own seed's order, split
     over members and, within a member, over the batch (this process's part only)."""
     k = population.configs[0].train.steps_per_call
-    blocks = [loop.BatchOrder(len(population.dataset.train_labels), c.train.batch_size,
+    blocks = [order_lib.BatchOrder(len(population.dataset.train_labels), c.train.batch_size,
                               c.seed).block(call * k, k) for c in population.configs]
     layout = NamedSharding(population.mesh, P(None, sharding.MEMBER_AXIS, sharding.DATA_AXIS))
     return sharding.put_batch(np.stack(blocks, axis=1), layout)

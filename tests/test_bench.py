@@ -29,6 +29,7 @@ from nbjax.parallel.mesh import make_mesh
 from nbjax.pruning import make_pruner
 from nbjax.tome import cost
 from nbjax.train import loop
+from nbjax.train import order as order_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -249,7 +250,7 @@ def test_bf16_compute_trains_smoke_config_with_fp32_state():
     jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p, "masks": run.state.masks},
                                                      images))(run.state.params))
     assert "bf16" in jaxpr  # the matmuls really run in bfloat16
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
                             config.seed)
     k = config.train.steps_per_call
     state, losses = run.state, []

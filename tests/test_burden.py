@@ -27,6 +27,7 @@ from nbjax.pruning import masks as masks_lib
 from nbjax.pruning.base import PruneResult, prunable
 from nbjax.train import checkpoint, loop
 from nbjax.train import hparams as hparams_lib
+from nbjax.train import order as order_lib
 from nbjax.train import step as train
 from nbjax.train.optimizer import make_optimizer
 from nbjax.train.state import init_state
@@ -332,7 +333,7 @@ def run_with_pruner(config, pruner, reference, num_calls):
     step = train.make_train_step(config, model, pruner, ds.num_classes, ds.mean, ds.std,
                                  total_steps=steps, tracker=tracker)
     chunk = jax.jit(train.make_train_call(step))
-    order = loop.BatchOrder(len(ds.train_labels), config.train.batch_size, config.seed)
+    order = order_lib.BatchOrder(len(ds.train_labels), config.train.batch_size, config.seed)
     k, history = config.train.steps_per_call, []
     for c in range(num_calls):
         state, metrics = chunk(state, ds.train_images, ds.train_labels, order.block(c * k, k))

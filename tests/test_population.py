@@ -26,6 +26,7 @@ from nbjax.population import loop as population_loop
 from nbjax.population import members as members_lib
 from nbjax.study import records
 from nbjax.train import loop, preemption
+from nbjax.train import order as order_lib
 
 CALLS = 6  # 24 steps of the smoke schedule (40 steps): mask updates every 4 steps from step 4
 # With token merging the attention keys also choose the merges, and the key bias (see NOISE_NU)
@@ -81,7 +82,7 @@ def _population_run(configs, devices, calls):
     """The population trained for ``calls`` calls on ``devices``: its state and metrics[k, N]."""
     mesh = mesh_lib.population_mesh(len(configs), jax.devices()[:devices])
     population = build_lib.build(configs, smoke_dataset(), mesh)
-    orders = [loop.BatchOrder(len(population.dataset.train_labels), c.train.batch_size, c.seed)
+    orders = [order_lib.BatchOrder(len(population.dataset.train_labels), c.train.batch_size, c.seed)
               for c in configs]
     state, history, k = population.state, [], configs[0].train.steps_per_call
     for call in range(calls):

@@ -36,7 +36,7 @@ from population_worker import (
 
 from nbjax.parallel import mesh as sharding
 from nbjax.population import build as population_lib
-from nbjax.train import loop
+from nbjax.train import order as order_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "population_worker.py"
@@ -91,7 +91,8 @@ def test_population_layout_is_one_member_per_device_and_half_a_batch_per_device(
     idx = batch_indices(population, 1)
     on_device = {shard.device: np.asarray(shard.data) for shard in idx.addressable_shards}
     for (member, half), device in np.ndenumerate(mesh.devices):
-        order = loop.BatchOrder(len(population.dataset.train_labels), batch, MEMBERS[member][0])
+        order = order_lib.BatchOrder(len(population.dataset.train_labels), batch,
+                                     MEMBERS[member][0])
         rows = order.block(k, k)[:, half * batch // 2:(half + 1) * batch // 2]
         np.testing.assert_array_equal(on_device[device], rows[:, None, :])
 

@@ -26,6 +26,7 @@ from nbjax.pruning import masks as mk
 from nbjax.train import hparams as hparams_lib
 from nbjax.train import loop
 from nbjax.train import optimizer as optimizer_lib
+from nbjax.train import order as order_lib
 from nbjax.train import step as train
 
 T = 40  # steps of every simulated run; the smoke schedule gives t0 = 4, t1 = 28, ΔT = 4
@@ -464,7 +465,8 @@ def build(config):
 def run_calls(run, state, start_call, num_calls):
     """Runs calls; returns the state and the host copies (state, metrics) after each call."""
     config = run.config
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
+                                 config.seed)
     k = config.train.steps_per_call
     out = []
     for c in range(start_call, start_call + num_calls):
@@ -545,7 +547,8 @@ def check_masked_step_equals_hand_masked(run, tx):
     config = run.config
     state = jax.tree.map(jnp.array, run.state)  # a copy: the chunk donates its input
     model = model_build.build_model(config, run.dataset.num_classes)
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
+                                 config.seed)
     idx = order.block(0, 1)[0]
     aug_rng, _ = jax.random.split(jax.random.fold_in(state.rng, state.step))
     images = data.normalize(run.dataset.train_images[idx], run.dataset.mean, run.dataset.std)

@@ -26,6 +26,7 @@ from nbjax.parallel import collectives
 from nbjax.parallel import mesh as sharding
 from nbjax.pruning import make_pruner
 from nbjax.train import checkpoint, loop
+from nbjax.train import order as order_lib
 from nbjax.train.state import TrainState
 
 METHODS = ("none", "gmp", "pdwp")
@@ -52,7 +53,7 @@ def method_config(method: str, **overrides):
 
 def run_calls(run: loop.Run, state: TrainState, first_step: int, num_steps: int):
     """Runs ``num_steps`` steps from ``first_step`` through the loop's own feeding code."""
-    order = loop.BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
                             run.config.seed)
     k = run.config.train.steps_per_call
     history = []
@@ -165,7 +166,8 @@ def test_token_merging_on_eight_devices_equals_one_device():
 def _all_reduce_operands(run: loop.Run) -> list[list[str]]:
     """The operand shapes of every all-reduce in the compiled train call of ``run``."""
     config = run.config
-    order = loop.BatchOrder(len(run.dataset.train_labels), config.train.batch_size, config.seed)
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
+                                 config.seed)
     idx = loop.train_indices(run, order, 0, config.train.steps_per_call)
     hlo = run.train_call.lower(run.state, run.train_images, run.train_labels,
                                 idx).compile().as_text()

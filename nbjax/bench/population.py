@@ -28,7 +28,7 @@ from nbjax.bench.variants import Variant, variant_config
 from nbjax.model import build as model_build
 from nbjax.parallel import mesh as sharding_lib
 from nbjax.population import build as population_build
-from nbjax.train import loop
+from nbjax.train import order as order_lib
 
 
 def member_configs(base: Any, variant: Variant, size: int) -> list[ml_collections.ConfigDict]:
@@ -54,7 +54,7 @@ def prepare(variant: Variant, base: Any, dataset: Any, size: int, devices: Seque
     mesh = sharding_lib.population_mesh(size, list(devices))
     pop = population_build.build(configs, dataset, mesh)
     k, batch = int(configs[0].train.steps_per_call), int(configs[0].train.batch_size)
-    orders = [loop.BatchOrder(len(dataset.train_labels), batch, c.seed) for c in configs]
+    orders = [order_lib.BatchOrder(len(dataset.train_labels), batch, c.seed) for c in configs]
     sharding = NamedSharding(mesh, P(None, sharding_lib.MEMBER_AXIS, sharding_lib.DATA_AXIS))
     blocks = [sharding_lib.put_batch(np.stack([o.block(i * k, k) for o in orders], axis=1),
                                      sharding)

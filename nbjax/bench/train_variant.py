@@ -20,6 +20,7 @@ from nbjax.model import build as model_build
 from nbjax.parallel import mesh as sharding_lib
 from nbjax.tome import cost
 from nbjax.train import loop
+from nbjax.train import order as order_lib
 
 NUM_INDEX_BLOCKS = 4  # distinct batch-index blocks the calls rotate through
 
@@ -31,7 +32,7 @@ def prepare(variant: Variant, base: Any, dataset: Any, mesh: Any, warmup: int,
     config = variant_config(base, variant)
     run = loop.build(config, dataset, mesh, pruner=None if variant.masked else unmasked_pruner())
     k, batch = int(config.train.steps_per_call), int(config.train.batch_size)
-    order = loop.BatchOrder(len(dataset.train_labels), batch, config.seed)
+    order = order_lib.BatchOrder(len(dataset.train_labels), batch, config.seed)
     blocks = [loop.train_indices(run, order, i * k, k) for i in range(NUM_INDEX_BLOCKS)]
     compiled, compile_info = measure.compile_timed(
         run.train_call, (run.state, run.train_images, run.train_labels, blocks[0]), cache)

@@ -29,6 +29,7 @@ from nbjax.pruning import make_pruner
 from nbjax.train import hparams as hparams_lib
 from nbjax.train import loop as loop_lib
 from nbjax.train import optimizer as optimizer_lib
+from nbjax.train import order as order_lib
 from nbjax.train import state as state_lib
 from nbjax.train import step as train
 
@@ -66,7 +67,7 @@ def build(configs: Sequence[ml_collections.ConfigDict],
     mesh = sharding_lib.population_mesh(len(configs)) if mesh is None else mesh
     loop_lib.check_batch_sizes(first, mesh.shape[sharding_lib.DATA_AXIS],
                                len(dataset.train_labels))
-    steps = loop_lib.total_steps(first, len(dataset.train_labels))
+    steps = order_lib.total_steps(first, len(dataset.train_labels))
     model = model_build.build_model(first, dataset.num_classes)
     pruner = make_pruner(first, steps)  # its update reads each member's hparams
     tracker = burden_tracker.make_tracker(first, model, pruner, dataset.image_shape) \

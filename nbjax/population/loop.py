@@ -9,7 +9,7 @@ final checkpoint of the member's own state and ``final_metrics.json`` (written l
 tools that read runs (report, study records, visualize, eval, export) read a member unchanged.
 
 Everything is a function of the step, as in the single loop: member i takes the batches of
-:class:`nbjax.train.loop.BatchOrder` with its own seed, so a population stopped at a
+:class:`nbjax.train.order_lib.BatchOrder` with its own seed, so a population stopped at a
 checkpoint and started again ends bit for bit as one that never stopped. The locks, stop
 signals, checkpoint cadence and non-finite checks are the single loop's.
 """
@@ -43,6 +43,7 @@ from nbjax.tome import cost as flops_lib
 from nbjax.train import checkpoint as checkpoint_lib
 from nbjax.train import loop as loop_lib
 from nbjax.train import metrics_log
+from nbjax.train import order as order_lib
 from nbjax.train import tensorboard as tensorboard_lib
 from nbjax.train import workdir as workdir_lib
 
@@ -240,7 +241,7 @@ class _Progress:
         rate = (step - self.last_step) * train_cfg.batch_size / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
         tests = (evaluate(self.population, state)
-                 if loop_lib.crossed(before, step, train_cfg.eval_every) else None)
+                 if order_lib.crossed(before, step, train_cfg.eval_every) else None)
         for i, (member, record) in enumerate(zip(self.members, records, strict=True)):
             record["train/images_per_sec"] = rate
             if tests is not None:
@@ -252,7 +253,7 @@ class _Progress:
                              img_s=f"{rate * len(records):.0f}")
 
 
-def train_indices(population: build_lib.Population, orders: list[loop_lib.BatchOrder],
+def train_indices(population: build_lib.Population, orders: list[order_lib.BatchOrder],
                   step: int, num_steps: int) -> jax.Array:
     """The [num_steps, N, batch] example indices of the next call: member i's block of its
     own batch order, split over the mesh's member and data axes (each process transfers only
@@ -267,7 +268,7 @@ def _train_steps(population: build_lib.Population, ckpt: checkpoint_lib.Checkpoi
                  state: Any, start: int, members: list[_Member]) -> tuple[Any, int]:
     """Runs the population's compiled calls from ``start`` to the end, each member on its own
     batch order, through the single run's :func:`nbjax.train.loop.run_calls`."""
-    orders = [loop_lib.BatchOrder(len(population.dataset.train_labels),
+    orders = [order_lib.BatchOrder(len(population.dataset.train_labels),
                                   config.train.batch_size, config.seed)
               for config in population.configs]
     return loop_lib.run_calls(

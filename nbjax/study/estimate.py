@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from nbjax.study.grid import RunSpec
+from nbjax.train import order as order_lib
 
 MAX_POPULATION = 64
 MEMORY_SHARE = 0.5  # of the device's memory, for the members; the rest: XLA's own buffers
@@ -44,7 +45,7 @@ def measure_rate(config: ml_collections.ConfigDict, dataset: Any,
 
     t0 = time.perf_counter()
     run = loop.build(config, dataset)
-    order = loop.BatchOrder(len(dataset.train_labels), config.train.batch_size, config.seed)
+    order = order_lib.BatchOrder(len(dataset.train_labels), config.train.batch_size, config.seed)
     k = config.train.steps_per_call
     state, m = run.train_call(run.state, run.train_images, run.train_labels,
                                loop.train_indices(run, order, 0, k))
@@ -62,7 +63,6 @@ def measure_rate(config: ml_collections.ConfigDict, dataset: Any,
 def _measured(units: Sequence[Sequence[RunSpec]]) -> tuple[list[float], str]:
     """Seconds of each unit at step times measured on this machine (one process)."""
     from nbjax.data import pipeline as data_lib
-    from nbjax.train import loop
 
     rates: dict[str, tuple[float, float]] = {}
     datasets: dict[str, Any] = {}
@@ -76,7 +76,7 @@ def _measured(units: Sequence[Sequence[RunSpec]]) -> tuple[list[float], str]:
         if variant not in rates:
             rates[variant] = measure_rate(config, datasets[key])
         per_step, compile_s = rates[variant]
-        steps = loop.total_steps(config, len(datasets[key].train_labels))
+        steps = order_lib.total_steps(config, len(datasets[key].train_labels))
         out.append(compile_s + steps * len(unit) * per_step)
     note = "step times measured on this machine (one process)"
     if any(len(unit) > 1 for unit in units):
@@ -87,7 +87,6 @@ def _measured(units: Sequence[Sequence[RunSpec]]) -> tuple[list[float], str]:
 def _from_figures(units: Sequence[Sequence[RunSpec]],
                   timing: ml_collections.ConfigDict) -> tuple[list[float], str]:
     """Seconds of each unit at the study config's ``timing`` figures (and the set-up once)."""
-    from nbjax.train import loop
 
     out = []
     member_measured = True
@@ -99,7 +98,7 @@ def _from_figures(units: Sequence[Sequence[RunSpec]],
         if len(unit) > 1:
             member_measured &= member_s > 0
         per_step = member_s if len(unit) > 1 and member_s > 0 else step_s
-        steps = loop.total_steps(config, timing.train_examples)
+        steps = order_lib.total_steps(config, timing.train_examples)
         out.append(timing.compile_s + steps * len(unit) * per_step)
     if out:
         out[0] += timing.setup_s
@@ -138,11 +137,10 @@ def member_bytes(config: ml_collections.ConfigDict, dataset: Any) -> int:
     from nbjax.model import build as model_build
     from nbjax.pruning import make_pruner
     from nbjax.train import hparams as hparams_lib
-    from nbjax.train import loop
     from nbjax.train import optimizer as optimizer_lib
     from nbjax.train import state as state_lib
 
-    steps = loop.total_steps(config, len(dataset.train_labels))
+    steps = order_lib.total_steps(config, len(dataset.train_labels))
     model = model_build.build_model(config, dataset.num_classes)
     pruner = make_pruner(config, steps)
     tx = optimizer_lib.make_optimizer(config, steps)

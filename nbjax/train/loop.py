@@ -1,8 +1,8 @@
-"""The train loop: data order, compiled calls, logging, evaluation, checkpoints, resume.
+"""The train loop: compiled calls, logging, evaluation, checkpoints, resume.
 
 Everything the loop decides is a function of the step, so a run stopped at a checkpoint and
 started again takes exactly the same batches and random numbers as one that never stopped:
-the batch order of epoch e is a permutation seeded by (seed, e), and the step's random key is
+the batches come from :mod:`nbjax.train.order`, and the step's random key is
 ``fold_in(state.rng, step)``. Checkpoints are taken at call boundaries, checked to hold only
 finite values; SIGTERM and Ctrl-C save at the current step before stopping. What nbjax
 guarantees when things go wrong is in docs/reliability.md.
@@ -38,53 +38,13 @@ from nbjax.train import checkpoint as checkpoint_lib
 from nbjax.train import hparams as hparams_lib
 from nbjax.train import metrics_log, preemption
 from nbjax.train import optimizer as optimizer_lib
+from nbjax.train import order as order_lib
 from nbjax.train import state as state_lib
 from nbjax.train import step as train
 from nbjax.train import tensorboard as tensorboard_lib
 from nbjax.train import workdir as workdir_lib
 
 FINAL_METRICS = "final_metrics.json"  # written last: its presence marks a finished run
-
-
-def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
-    """``train.num_steps`` if set, else ``train.num_epochs`` full batches of the train set."""
-    if config.train.num_steps > 0:
-        return int(config.train.num_steps)
-    steps_per_epoch = num_train // config.train.batch_size
-    if steps_per_epoch == 0:
-        raise errors.ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
-                                 f"{num_train} training examples",
-                                 f"set --config.train.batch_size to at most {num_train}")
-    return max(1, int(round(config.train.num_epochs * steps_per_epoch)))
-
-
-class BatchOrder:
-    """The indices of the examples of every step: epoch e is a permutation seeded by (seed, e).
-
-    The remainder of each epoch that does not fill a batch is skipped, as usual.
-    """
-
-    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
-        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
-        self.steps_per_epoch = num_examples // batch_size
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def _epoch(self, epoch: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            rows = perm[: self.steps_per_epoch * self.batch_size].astype(np.int32)
-            self._cache = (epoch, rows.reshape(self.steps_per_epoch, self.batch_size))
-        return self._cache[1]
-
-    def block(self, start_step: int, num_steps: int) -> np.ndarray:
-        """The [num_steps, batch] indices of steps start_step .. start_step + num_steps - 1."""
-        rows = [self._epoch(s // self.steps_per_epoch)[s % self.steps_per_epoch]
-                for s in range(start_step, start_step + num_steps)]
-        return np.stack(rows)
-
-
-def crossed(before: int, after: int, every: int) -> bool:
-    return every > 0 and after // every > before // every
 
 
 @dataclass
@@ -117,7 +77,7 @@ def build(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     dataset = checked_dataset(config, dataset)
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
     check_batch_sizes(config, mesh.devices.size, len(dataset.train_labels))
-    steps = total_steps(config, len(dataset.train_labels))
+    steps = order_lib.total_steps(config, len(dataset.train_labels))
     model = model_build.build_model(config, dataset.num_classes)
     tx = optimizer_lib.make_optimizer(config, steps)  # its state's structure only
     pruner = make_pruner(config, steps) if pruner is None else pruner
@@ -315,7 +275,7 @@ class _Progress:
         record["train/images_per_sec"] = ((step - self.last_step) * self.run.config.train.
                                           batch_size / max(now - self.last_time, 1e-9))
         self.last_step, self.last_time = step, now
-        if crossed(before, step, self.run.config.train.eval_every):
+        if order_lib.crossed(before, step, self.run.config.train.eval_every):
             record.update(evaluate(self.run, state))
         self.log.write(step, record)
         self.board.log(step, record, state)  # on every process: may gather FSDP shards
@@ -328,7 +288,7 @@ def _train_steps(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.T
                  start: int, log: metrics_log.MetricsLog,
                  board: tensorboard_lib.TensorBoardWriter) -> tuple[state_lib.TrainState, int]:
     """Runs the run's compiled calls from ``start`` to the end (:func:`run_calls`)."""
-    order = BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
+    order = order_lib.BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
                        run.config.seed)
     return run_calls(run, ckpt, state, start, _Progress(run, ckpt, start, log, board),
                      lambda step, num_steps: train_indices(run, order, step, num_steps))
@@ -351,11 +311,12 @@ def run_calls(run: Run, ckpt: checkpoint_lib.Checkpointer, state: Any, start: in
                 progress.pending.add(step, metrics)
                 before, step = step, step + num_steps
                 progress.bar.update(num_steps)
-                if crossed(before, step, train_cfg.log_every) or step == run.total_steps:
+                if order_lib.crossed(before, step, train_cfg.log_every) or step == run.total_steps:
                     progress.log_step(state, before, step)
                 if stop.requested():
                     save_and_stop(ckpt, progress, state, step, stop.signum)
-                if crossed(before, step, train_cfg.checkpoint_every) and step < run.total_steps:
+                checkpoint_due = order_lib.crossed(before, step, train_cfg.checkpoint_every)
+                if checkpoint_due and step < run.total_steps:
                     progress.pending.fetch()  # never checkpoint past a non-finite step
                     ckpt.save(step, state)
         except KeyboardInterrupt as interrupt:  # raised by code inside the loop itself
@@ -403,7 +364,7 @@ def _finish(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.TrainS
     return final
 
 
-def train_indices(run: Run, order: BatchOrder, step: int, num_steps: int) -> jax.Array:
+def train_indices(run: Run, order: order_lib.BatchOrder, step: int, num_steps: int) -> jax.Array:
     """The [num_steps, batch] example indices of the next call, sharded over the batch.
 
     Every process knows the whole (cheap, seeded) batch order but transfers only the columns
