@@ -507,6 +507,9 @@ def test_report_from_synthetic_records(tmp_path):
         # (e) compensation - sparsity = drop / 100 within each sparsity: r = 1; n = 9+9+3+6
         "| (e) | all methods | compensation index | **supported** | r = +1.00 [+1.00, +1.00] "
         "(n=27) |",
+        # over the 11 (method, sparsity) means (gmp, static, rigl at 3 sparsities; set at 2)
+        "| (e) | method × sparsity means | compensation index | **supported** | "
+        "r = +1.00 [+1.00, +1.00] (n=11) |",
         # (f) 0.98, 1.0, 1.02: s = 0.02 -> 4.302653 · 0.02 / √3 = 0.0497
         "| (f) | static s=0.9 | selection index | **CI contains 1** | 1.000 ± 0.050 (n=3) |",
         "| (a) accuracy falls as sparsity grows (mean per-seed slope < 0; no mitigation) "
@@ -529,3 +532,27 @@ def test_decomposition_needs_two_methods_at_a_sparsity():
     with_rigl = [c for c in cells if c.method in ("none", "gmp", "rigl")]
     compensation = findings.decomposition(with_rigl)[0]
     assert compensation.verdict == "supported" and compensation.effect.endswith("(n=12)")
+
+
+def test_decomposition_over_cells_and_over_method_means_by_hand():
+    """Three methods at two sparsities, two seeds. The (method, sparsity) means of the
+    compensation x and the drop y, residuals after each sparsity's mean: x (-1, 0, 1), y (-1, 1,
+    0) at both, so r = 2 / √(4 · 4) = 0.5 over n = 6 means. The seeds sit at (-0.5, +0.5) and
+    (+0.5, -0.5) around each mean, so over the 12 cells Σ rx·ry = 2·2 - 12·0.25 = 1 and
+    Σ rx² = Σ ry² = 2·4 + 12·0.25 = 11: r = 1/11. Fisher z, k = 1: se = 1/√2 and 1/√8."""
+    def cell(method, sparsity, seed, x, drop):
+        return findings.Cell(f"{method}{sparsity}{seed}", "d", method, sparsity, "none", seed,
+                             100.0 - drop, None, None, x, None)
+    cells = [cell("none", 0.0, seed, None, 0.0) for seed in (0, 1)]
+    for sparsity, offset in ((0.5, 0.0), (0.9, 10.0)):
+        for method, x, y in (("gmp", 1, 1), ("rigl", 2, 3), ("static", 3, 2)):
+            cells += [cell(method, sparsity, 0, x - 0.5, offset + y + 0.5),
+                      cell(method, sparsity, 1, x + 0.5, offset + y - 0.5)]
+    over_cells, over_means = findings.decomposition(cells)
+    # z = atanh(1/11) = 0.091161, half = 1.959964 / √8 = 0.692953: tanh(-0.601792), tanh(0.784114)
+    assert (over_cells.subject, over_cells.verdict) == ("all methods", "inconclusive")
+    assert over_cells.effect == "r = +0.09 [-0.54, +0.66] (n=12)"
+    # z = atanh(0.5) = 0.549306, half = 1.959964 / √2 = 1.385904: tanh(-0.836598), tanh(1.93521)
+    assert (over_means.subject, over_means.verdict) == ("method × sparsity means",
+                                                        "inconclusive")
+    assert over_means.effect == "r = +0.50 [-0.68, +0.96] (n=6)"

@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from nbjax import pruning
 from nbjax.study import statistics as st
 
@@ -165,7 +167,9 @@ def drops(cells: Sequence[Cell]) -> list[tuple[Cell, float]]:
 def decomposition(cells: Sequence[Cell]) -> list[Finding]:
     """Claim (e): partial correlation of each index with the accuracy drop, given sparsity,
     over the sparsities at which at least two methods have a cell (else within one method
-    it would only correlate seed noise)."""
+    it would only correlate seed noise). Two rows per index: over the cells, and over the
+    (method, sparsity) means, whose interval does not count a method's seeds as independent
+    draws of the across-methods relation."""
     out = []
     pairs = drops(cells)
     for metric in ("compensation", "selection", "burden_index"):
@@ -174,16 +178,21 @@ def decomposition(cells: Sequence[Cell]) -> list[Finding]:
         methods = defaultdict(set)
         for *_, sparsity, method in found:
             methods[sparsity].add(method)
-        pts = [(x, y, s) for x, y, s, _ in found if len(methods[s]) >= 2]
+        pts = [p for p in found if len(methods[p[2]]) >= 2]
         if not pts:
             if found:
                 out.append(Finding("e", "all methods", METRICS[metric],
                                    st.NO_VERDICT_METHODS, "one method per sparsity"))
             continue
-        x, y, levels = zip(*pts, strict=True)
-        r = st.partial_correlation(x, y, levels)
-        out.append(Finding("e", "all methods", METRICS[metric],
-                           st.correlation_verdict(r, +1), f"r = {r.text(2)}"))
+        groups: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
+        for x, y, sparsity, method in pts:
+            groups[(method, sparsity)].append((x, y))
+        means = [(*np.mean(xy, axis=0), sparsity) for (_, sparsity), xy in groups.items()]
+        for subject, rows in (("all methods", [p[:3] for p in pts]),
+                              ("method × sparsity means", means)):
+            r = st.partial_correlation(*zip(*rows, strict=True))
+            out.append(Finding("e", subject, METRICS[metric],
+                               st.correlation_verdict(r, +1), f"r = {r.text(2)}"))
     return out
 
 
