@@ -556,3 +556,13 @@ def test_decomposition_over_cells_and_over_method_means_by_hand():
     assert (over_means.subject, over_means.verdict) == ("method × sparsity means",
                                                         "inconclusive")
     assert over_means.effect == "r = +0.50 [-0.68, +0.96] (n=6)"
+
+
+def test_missing_cells_are_listed_with_their_seeds_together():
+    expected = [{"cell": f"gmp_s0.9_tome_seed{s}", "seed": s} for s in (0, 1, 2)]
+    expected += [{"cell": f"set_s0.5_none_seed{s}", "seed": s} for s in (0, 1)]
+    expected += [{"cell": "custom_cell", "seed": 0}]
+    records = [{"cell": "gmp_s0.9_tome_seed1"}, {"cell": "set_s0.5_none_seed0"}]
+    assert study_report.status_lines(records, expected) == [
+        "**Unfinished study**: 2 of 6 cells recorded. Missing (4): "
+        "`gmp_s0.9_tome_seed{0,2}`, `set_s0.5_none_seed1`, `custom_cell`."]

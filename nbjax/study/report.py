@@ -80,12 +80,29 @@ def status_lines(records: Sequence[dict[str, Any]],
     if expected is None:
         return [f"{len(done)} cells recorded; the grid is unknown (no {store.MANIFEST}), so "
                 "missing cells cannot be named."]
-    missing = [c["cell"] for c in expected if c["cell"] not in done]
+    missing = [c for c in expected if c["cell"] not in done]
     if not missing:
         return [f"Complete: all {len(expected)} cells of the grid are recorded."]
     return [f"**Unfinished study**: {len(expected) - len(missing)} of {len(expected)} cells "
-            f"recorded. Missing ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing)
-            + "."]
+            f"recorded. Missing ({len(missing)}): " + ", ".join(_seeds_together(missing)) + "."]
+
+
+def _seeds_together(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Cell names with the seeds of one setting in braces: `gmp_s0.9_tome_seed{0,1,2}`."""
+    seeds: dict[str, list[str]] = {}
+    for c in cells:
+        suffix = f"_seed{c.get('seed')}"
+        if c["cell"].endswith(suffix):
+            seeds.setdefault(c["cell"][:-len(suffix)] + "_seed", []).append(str(c["seed"]))
+        else:
+            seeds.setdefault(c["cell"], [])
+    out = []
+    for stem, found in seeds.items():
+        if len(found) > 1:
+            out.append(f"`{stem}{{{','.join(found)}}}`")
+        else:
+            out.append(f"`{stem}{''.join(found)}`")
+    return out
 
 
 def metric_table(cells: Sequence[fd.Cell], metric: str, digits: int) -> list[str]:
