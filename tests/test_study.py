@@ -494,7 +494,8 @@ def test_report_from_synthetic_records(tmp_path):
         # slopes 5, 10, 15: s = 5 -> 4.302653 · 5 / √3 = 12.42; CI [-2.42, 22.42]
         "| (a) | static | test accuracy (%) | **inconclusive** | +10.00 ± 12.42 (n=3)",
         "| (a) | rigl | test accuracy (%) | **no verdict (n<2)** | -5.00 (n=1, no CI)",
-        "| (a) | set | test accuracy (%) | **no verdict (<3 sparsities)** |",
+        "| (a) | set | test accuracy (%) | **no verdict (<3 sparsities)** | 2 sparsities; a trend "
+        "needs 3 in one seed |",
         # (b) slopes 1, 2, 3: 2 ± 2.484 holds 0; static -0.3, -0.4, -0.5: -0.4 ± 0.248 < 0
         "| (b) | gmp | burden index | **inconclusive** | +2.000 ± 2.484 (n=3)",
         "| (b) | static | burden index | **contradicted** | -0.400 ± 0.248 (n=3)",

@@ -131,10 +131,12 @@ def trends(cells: Sequence[Cell], claim: str, metric: str, direction: int,
         result = st.trend(points)
         if result.slope.n == 0 and result.sparsities == 0:
             continue
-        effect = (f"{result.slope.text(DIGITS[metric], signed=True)} {unit}"
-                  if result.slope.n else "no seed has 3 sparsities")
+        levels = f"{result.sparsities} sparsit{'y' if result.sparsities == 1 else 'ies'}"
+        effect = (f"{result.slope.text(DIGITS[metric], signed=True)} {unit}; {levels}"
+                  if result.slope.n else
+                  f"{levels}; a trend needs {st.MIN_TREND_SPARSITIES} in one seed")
         out.append(Finding(claim, method, METRICS[metric], st.trend_verdict(result, direction),
-                           f"{effect}; {result.sparsities} sparsities"))
+                           effect))
     return out
 
 
