@@ -567,3 +567,12 @@ def test_missing_cells_are_listed_with_their_seeds_together():
     assert study_report.status_lines(records, expected) == [
         "**Unfinished study**: 2 of 6 cells recorded. Missing (4): "
         "`gmp_s0.9_tome_seed{0,2}`, `set_s0.5_none_seed1`, `custom_cell`."]
+
+
+def test_dry_run_warns_when_the_cpus_are_busy(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.9, 0.0, 0.0))
+    assert estimate.busy_note() == ""
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))  # half of the 2 cores
+    assert estimate.busy_note() == ("; the CPUs were busy (load average 1.0 on 2 cores), so "
+                                    "these estimates run long")

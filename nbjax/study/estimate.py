@@ -15,6 +15,7 @@ launch-bound.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,7 @@ def _measured(units: Sequence[Sequence[RunSpec]]) -> tuple[list[float], str]:
     """Seconds of each unit at step times measured on this machine (one process)."""
     from nbjax.data import pipeline as data_lib
 
+    busy = busy_note()  # before this process's own measuring adds to the load
     rates: dict[str, tuple[float, float]] = {}
     datasets: dict[str, Any] = {}
     out = []
@@ -78,10 +80,20 @@ def _measured(units: Sequence[Sequence[RunSpec]]) -> tuple[list[float], str]:
         per_step, compile_s = rates[variant]
         steps = order_lib.total_steps(config, len(datasets[key].train_labels))
         out.append(compile_s + steps * len(unit) * per_step)
-    note = "step times measured on this machine (one process)"
+    note = "step times measured on this machine (one process)" + busy
     if any(len(unit) > 1 for unit in units):
         note += "; a population's per-member step time is not measured: single-run estimate"
     return out, note
+
+
+def busy_note() -> str:
+    """A warning when other processes are using the CPUs (1-minute load average at least half
+    the cores): step times measured now run long."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < 0.5 * cores:
+        return ""
+    return (f"; the CPUs were busy (load average {load:.1f} on {cores} cores), so these "
+            "estimates run long")
 
 
 def _from_figures(units: Sequence[Sequence[RunSpec]],
