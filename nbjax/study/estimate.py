@@ -89,6 +89,8 @@ def _measured(units: Sequence[Sequence[RunSpec]]) -> tuple[list[float], str]:
 def busy_note() -> str:
     """A warning when other processes are using the CPUs (1-minute load average at least half
     the cores): step times measured now run long."""
+    if not hasattr(os, "getloadavg"):  # Windows has no load average
+        return ""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load < 0.5 * cores:
         return ""
