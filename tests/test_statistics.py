@@ -104,6 +104,9 @@ def test_partial_correlation_needs_degrees_of_freedom():
     r = st.partial_correlation([1, 2, 3, 4], [1, 3, 2, 4], [0.5, 0.5, 0.9, 0.9])
     assert r.r is None
     assert st.correlation_verdict(r, +1) == "no verdict (n-3-k<1)"
+    assert r.text() == "– (n=4, 2 sparsities)"
+    one_level = st.partial_correlation([1, 2, 3], [1, 3, 2], [0.5, 0.5, 0.5])
+    assert one_level.text() == "– (n=3, 1 sparsity)"  # n - 3 - 0 = 0
 
 
 def test_verdicts_from_intervals():

@@ -65,7 +65,7 @@ class Correlation:
     def text(self, digits: int = 2) -> str:
         """``r [low, high] (n=N)`` or why there is no value."""
         if self.r is None:
-            return f"– (n={self.n}, {self.levels} sparsities)"
+            return f"– (n={self.n}, {self.levels} sparsit{'y' if self.levels == 1 else 'ies'})"
         return f"{self.r:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] " \
                f"(n={self.n})"
 
