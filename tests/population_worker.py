@@ -50,7 +50,7 @@ def batch_indices(population: population_lib.Population, call: int) -> jax.Array
     over members and, within a member, over the batch (this process's part only)."""
     k = population.configs[0].train.steps_per_call
     blocks = [order_lib.BatchOrder(len(population.dataset.train_labels), c.train.batch_size,
-                              c.seed).block(call * k, k) for c in population.configs]
+                                   c.seed).block(call * k, k) for c in population.configs]
     layout = NamedSharding(population.mesh, P(None, sharding.MEMBER_AXIS, sharding.DATA_AXIS))
     return sharding.put_batch(np.stack(blocks, axis=1), layout)
 

@@ -251,7 +251,7 @@ def test_bf16_compute_trains_smoke_config_with_fp32_state():
                                                      images))(run.state.params))
     assert "bf16" in jaxpr  # the matmuls really run in bfloat16
     order = order_lib.BatchOrder(len(run.dataset.train_labels), config.train.batch_size,
-                            config.seed)
+                                 config.seed)
     k = config.train.steps_per_call
     state, losses = run.state, []
     for c in range(10):

@@ -54,7 +54,7 @@ def method_config(method: str, **overrides):
 def run_calls(run: loop.Run, state: TrainState, first_step: int, num_steps: int):
     """Runs ``num_steps`` steps from ``first_step`` through the loop's own feeding code."""
     order = order_lib.BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
-                            run.config.seed)
+                                 run.config.seed)
     k = run.config.train.steps_per_call
     history = []
     for step in range(first_step, first_step + num_steps, k):

@@ -9,7 +9,7 @@ final checkpoint of the member's own state and ``final_metrics.json`` (written l
 tools that read runs (report, study records, visualize, eval, export) read a member unchanged.
 
 Everything is a function of the step, as in the single loop: member i takes the batches of
-:class:`nbjax.train.order_lib.BatchOrder` with its own seed, so a population stopped at a
+:class:`nbjax.train.order.BatchOrder` with its own seed, so a population stopped at a
 checkpoint and started again ends bit for bit as one that never stopped. The locks, stop
 signals, checkpoint cadence and non-finite checks are the single loop's.
 """
@@ -269,7 +269,7 @@ def _train_steps(population: build_lib.Population, ckpt: checkpoint_lib.Checkpoi
     """Runs the population's compiled calls from ``start`` to the end, each member on its own
     batch order, through the single run's :func:`nbjax.train.loop.run_calls`."""
     orders = [order_lib.BatchOrder(len(population.dataset.train_labels),
-                                  config.train.batch_size, config.seed)
+                                   config.train.batch_size, config.seed)
               for config in population.configs]
     return loop_lib.run_calls(
         population, ckpt, state, start, _Progress(population, ckpt, start, members),

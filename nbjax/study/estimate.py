@@ -101,7 +101,6 @@ def busy_note() -> str:
 def _from_figures(units: Sequence[Sequence[RunSpec]],
                   timing: ml_collections.ConfigDict) -> tuple[list[float], str]:
     """Seconds of each unit at the study config's ``timing`` figures (and the set-up once)."""
-
     out = []
     member_measured = True
     for unit in units:

@@ -131,7 +131,7 @@ def trends(cells: Sequence[Cell], claim: str, metric: str, direction: int,
         result = st.trend(points)
         if result.slope.n == 0 and result.sparsities == 0:
             continue
-        levels = f"{result.sparsities} sparsit{'y' if result.sparsities == 1 else 'ies'}"
+        levels = st.sparsities(result.sparsities)
         effect = (f"{result.slope.text(DIGITS[metric], signed=True)} {unit}; {levels}"
                   if result.slope.n else
                   f"{levels}; a trend needs {st.MIN_TREND_SPARSITIES} in one seed")

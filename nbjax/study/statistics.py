@@ -26,6 +26,11 @@ NO_VERDICT_METHODS = "no verdict (<2 methods at one sparsity)"
 MIN_TREND_SPARSITIES = 3
 
 
+def sparsities(count: int) -> str:
+    """``1 sparsity``, ``3 sparsities``."""
+    return f"{count} sparsit{'y' if count == 1 else 'ies'}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """A mean with the half-width of its confidence interval (None for n < 2) and n."""
@@ -65,7 +70,7 @@ class Correlation:
     def text(self, digits: int = 2) -> str:
         """``r [low, high] (n=N)`` or why there is no value."""
         if self.r is None:
-            return f"– (n={self.n}, {self.levels} sparsit{'y' if self.levels == 1 else 'ies'})"
+            return f"– (n={self.n}, {sparsities(self.levels)})"
         return f"{self.r:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] " \
                f"(n={self.n})"
 

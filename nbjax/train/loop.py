@@ -289,7 +289,7 @@ def _train_steps(run: Run, ckpt: checkpoint_lib.Checkpointer, state: state_lib.T
                  board: tensorboard_lib.TensorBoardWriter) -> tuple[state_lib.TrainState, int]:
     """Runs the run's compiled calls from ``start`` to the end (:func:`run_calls`)."""
     order = order_lib.BatchOrder(len(run.dataset.train_labels), run.config.train.batch_size,
-                       run.config.seed)
+                                 run.config.seed)
     return run_calls(run, ckpt, state, start, _Progress(run, ckpt, start, log, board),
                      lambda step, num_steps: train_indices(run, order, step, num_steps))
 
